@@ -1,0 +1,77 @@
+"""``mltrack train`` (= ``ml-train``): resolve the config, then one call into :func:`mltrack.run.train`."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_CONFIG = Path("configs/digits.yaml")  # used when --config is absent and this file exists in cwd
+
+
+def resolve_config_path(config: Path | None) -> Path | None:
+    """The YAML to load: ``--config`` if given, else ``configs/digits.yaml`` if present, else None (defaults)."""
+    if config is not None:
+        return config
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def collect_overrides(overrides: str | None, sets: tuple[str, ...]) -> list[str]:
+    """``--overrides "a=1 b=2"`` items first, then ``--set`` items, so a ``--set`` wins over both.
+
+    The ``--overrides`` string is split like a shell would (quotes keep spaces in a value).
+    """
+    items: list[str] = []
+    if overrides:
+        try:
+            items.extend(shlex.split(overrides))
+        except ValueError as err:
+            from mltrack.errors import ConfigError
+
+            raise ConfigError(f"--overrides '{overrides}' cannot be split into key=value items: {err}") from None
+    items.extend(sets)
+    return items
+
+
+@click.command("train")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Run config YAML.  [default: configs/digits.yaml if present, else built-in defaults]")
+@click.option("--fold", type=int, default=None, help="Cross-validation fold to train (data.fold).")
+@click.option("--num-epochs", type=int, default=None, help="training.num_epochs")
+@click.option("--batch-size", type=int, default=None, help="training.batch_size")
+@click.option("--lr", type=float, default=None, help="optimizer.lr")
+@click.option("--device", type=str, default=None, help="training.device: auto, cpu, cuda or cuda:N")
+@click.option("--num-workers", type=int, default=None, help="data.num_workers (DataLoader worker processes)")
+@click.option("--data-dir", type=str, default=None, help="data.data_dir (holds raw/ and splits/)")
+@click.option("--trainer-type", type=str, default=None,
+              help="training.trainer_type: standard, mixed_precision, accelerate or dp")
+@click.option("--architecture", type=str, default=None, help="model.architecture (a MODELS registry name)")
+@click.option("--run-name", type=str, default=None, help="tracking.run_name")
+@click.option("--resume", type=str, default=None,
+              help="Checkpoint to resume: a local path or an MLflow URI such as runs:/<run_id>/weights/last.pt")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (dotted, value read as YAML); repeatable.")
+@click.option("--overrides", type=str, default=None, metavar='"K=V K2=V2"',
+              help="Several KEY=VALUE overrides in one string (what MLproject passes).")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit without training.")
+def train(config: Path | None, resume: str | None, sets: tuple[str, ...], overrides: str | None,
+          print_config: bool, **flags: Any) -> None:
+    """Train one fold. Precedence: flag > --set/--overrides > --config YAML > defaults."""
+    from mltrack.config import CLI_FLAG_KEYS, load_config, to_yaml
+    from mltrack.console import get_logger
+
+    path = resolve_config_path(config)
+    cli_values = {name: value for name, value in flags.items() if name in CLI_FLAG_KEYS}
+    cfg = load_config(path, collect_overrides(overrides, sets), cli_values)
+    if print_config:
+        # Inputs that are not config keys go first as YAML comments, so the output stays valid YAML.
+        click.echo(f"# config: {path if path is not None else '(built-in defaults)'}")
+        if resume:
+            click.echo(f"# resume: {resume}")
+        click.echo(to_yaml(cfg), nl=False)
+        return
+    get_logger().info("config: %s", path if path is not None else "built-in defaults")
+    from mltrack.run import train as run_train
+
+    run_train(cfg, resume=resume)

@@ -1,0 +1,179 @@
+"""Side effects of an epoch: checkpoints, MLflow, TensorBoard, console. The loop knows none of them.
+
+Order matters and is fixed in ``run.py``: checkpoint (write + queue upload) -> MLflow metrics ->
+commit tag -> TensorBoard -> console. The tracker sends its queue in FIFO order, so the server
+never holds metrics for a step whose checkpoint is not uploaded (RELIABILITY rule 4), and a resume
+re-logs only steps that were not committed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mltrack import checkpoint
+from mltrack.config import config_hash, to_dict
+from mltrack.console import get_logger, success
+from mltrack.trainers.loop import FitContext, fault
+
+log = get_logger()
+
+
+def _faults_on() -> bool:
+    # Under fault injection the queue is flushed at each crash point so "after upload" means uploaded.
+    return "MLTRACK_FAULT_AT" in os.environ
+
+
+class Hook:
+    def on_fit_start(self, ctx: FitContext) -> None:
+        return None
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        return None
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        return None
+
+
+def checkpoint_state(ctx: FitContext, meta: dict[str, Any]) -> dict[str, Any]:
+    """The full resumable state as plain data (DESIGN §5)."""
+    generator = getattr(ctx.loaders.get("train"), "generator", None)
+    return {
+        "schema": checkpoint.SCHEMA,
+        "model": ctx.trainer.unwrap(ctx.model).state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.schedule.state_dict(),
+        "trainer": ctx.trainer.state_dict(),
+        "progress": ctx.state.state_dict(),
+        "rng": checkpoint.rng_state(generator),
+        "config": to_dict(ctx.cfg),
+        "config_hash": config_hash(ctx.cfg),
+        "class_map": list(ctx.class_names),
+        **meta,
+    }
+
+
+class CheckpointHook(Hook):
+    """Writes ``weights/last.pt`` every epoch and ``best.pt`` on improvement, then queues their upload."""
+
+    def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any]) -> None:
+        self.weights_dir = weights_dir
+        self.tracker = tracker
+        self.meta = meta  # split_digest, dataset fingerprint, mlflow_run_id
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        checkpoint.clean_stale_tmp(self.weights_dir)
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if not ctx.trainer.is_main_process:
+            return
+        state = checkpoint_state(ctx, self.meta)
+        names = ["last.pt"] + (["best.pt"] if ctx.last is not None and ctx.last.improved else [])
+        for name in names:
+            checkpoint.save(state, self.weights_dir / name)
+        fault("after_ckpt_write")
+        if self.tracker is not None:
+            for name in names:
+                self.tracker.log_artifact(self.weights_dir / name, "weights")
+                self.tracker.log_artifact(self.weights_dir / (name + checkpoint.MANIFEST_SUFFIX), "weights")
+            if _faults_on():
+                self.tracker.flush()
+            fault("after_ckpt_upload")
+
+
+class TrackingHook(Hook):
+    """Per-epoch metrics (step = epoch), stepped confusion-matrix images and the commit tag."""
+
+    def __init__(self, tracker: Any, confusion_every_epoch: bool) -> None:
+        self.tracker = tracker
+        self.confusion_every_epoch = confusion_every_epoch
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        # Resume: epochs finished before the crash whose metrics never reached the server are sent now,
+        # exactly once (the checkpoint carries their values).
+        logged = self.tracker.metric_steps("train/loss")
+        for row in ctx.state.history:
+            step = int(row["epoch"])
+            if step not in logged:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if not ctx.trainer.is_main_process or ctx.last is None:
+            return
+        step = ctx.state.epoch - 1
+        self.tracker.log_metrics(ctx.last.metrics, step=step)
+        if _faults_on():
+            self.tracker.flush()
+        fault("after_metrics_log")
+        if self.confusion_every_epoch:
+            from mltrack.metrics import confusion_matrix_figure
+
+            fig = confusion_matrix_figure(ctx.last.val_cm, ctx.class_names, f"val, epoch {step}")
+            self.tracker.log_figure(fig, f"plots/epochs/confusion_matrix_val_{step:04d}.png")
+        self.tracker.set_tags({"mltrack.committed_step": str(step)})
+        if _faults_on():
+            self.tracker.flush()
+        fault("after_commit")
+
+
+class TensorBoardHook(Hook):
+    """Scalars and confusion matrices under ``<run_dir>/tensorboard`` for ``tensorboard --logdir runs/``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer: Any = None
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        if ctx.trainer.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=ctx.state.epoch)
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if self.writer is None or ctx.last is None:
+            return
+        step = ctx.state.epoch - 1
+        for key, value in ctx.last.metrics.items():
+            self.writer.add_scalar(key, value, step)
+        from mltrack.metrics import confusion_matrix_figure
+
+        self.writer.add_figure("confusion_matrix/val", confusion_matrix_figure(
+            ctx.last.val_cm, ctx.class_names, f"val, epoch {step}"), step)
+        self.writer.flush()
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class ConsoleHook(Hook):
+    """The guide's console lines: ``Epoch k/N``, ``train Loss … Acc …``, ``New best model saved!``."""
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if not ctx.trainer.is_main_process or ctx.last is None:
+            return
+        m, step = ctx.last.metrics, ctx.state.epoch - 1
+        log.info("Epoch %d/%d", step, ctx.cfg.training.num_epochs - 1)
+        log.info("train Loss: %.4f Acc: %.4f  (%.0f img/s)", m["train/loss"], m["train/acc"], m["train/img_per_s"])
+        log.info("val Loss: %.4f Acc: %.4f F1: %.4f", m["val/loss"], m["val/acc"], m["val/f1_macro"])
+        if "dp/epsilon" in m:
+            log.info("dp epsilon: %.3f", m["dp/epsilon"])
+        if ctx.last.improved:
+            success(f"New best model saved! {ctx.cfg.training.monitor}: {m[ctx.cfg.training.monitor]:.4f}")
+        if ctx.cfg.training.early_stopping.patience is not None and \
+                ctx.state.bad_epochs >= ctx.cfg.training.early_stopping.patience:
+            log.info("Early stopping: no improvement of %s for %d epochs", ctx.cfg.training.monitor,
+                     ctx.state.bad_epochs)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return path
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

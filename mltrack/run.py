@@ -1,0 +1,360 @@
+"""The composition root: RunConfig -> data, model, optimizer, trainer, hooks -> fit -> test evaluation.
+
+Everything a user can get wrong is checked before the MLflow run is created, so bad input never
+leaves a run behind. Once the run exists, every exit path sets its status: FINISHED, FAILED (with
+``mltrack.exit_reason``) or KILLED (SIGTERM/SIGINT, after the last completed epoch's checkpoint).
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mltrack import checkpoint
+from mltrack.config import RunConfig, to_yaml
+from mltrack.console import get_logger, setup_logging, success
+from mltrack.errors import DataError, UserError
+from mltrack.resume import ResumePoint, check_compatible
+from mltrack.trainers.loop import FitContext, FitState, Interrupted, NonFiniteLossError, fit
+
+log = get_logger()
+EXIT_KILLED = {"SIGTERM": 143, "SIGINT": 130}
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    best_epoch: int
+    best_metric: Optional[float]
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "FINISHED"
+
+
+# ---------------------------------------------------------------- preflight (no run exists yet)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"invalid training.device '{spec}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("CUDA not available: --device cuda was asked for but torch sees no GPU; "
+                            "use --device cpu (or --device auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def prepare_data(cfg: RunConfig) -> tuple[list[str], str]:
+    """Check the dataset and splits; return (class names, split digest). Creates digits when it is the default."""
+    from mltrack.data.demo import ensure_digits
+    from mltrack.data.index import class_names, read_index
+    from mltrack.data.splits import split_digest
+
+    data_dir = Path(cfg.data.data_dir)
+    if cfg.data.dataset_name == "digits" and Path(cfg.data.data_dir).name == "digits":
+        ensure_digits(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data directory not found: {data_dir} (set data.data_dir or --data-dir to a folder "
+                        "holding raw/<class>/… and splits/)")
+    names = class_names(data_dir / "raw")
+    expected = cfg.model.num_classes
+    if expected is not None and expected != len(names):
+        raise UserError(
+            f"Model output size ({expected}) doesn't match dataset classes ({len(names)}): "
+            f"raw/ has {len(names)} class folders ({', '.join(names[:10])}{'…' if len(names) > 10 else ''}). "
+            f"Update the config: model.num_classes: {len(names)} (or remove it to detect it)"
+        )
+    for split in ("train", "val", "test"):
+        read_index(data_dir, split, cfg.data.fold)  # validates paths; missing file -> the guide's message
+    return names, split_digest(data_dir / "splits", cfg.data.fold)
+
+
+def run_name(cfg: RunConfig, explicit: dict[str, Any] | None = None) -> str:
+    """``<dataset>_<explicit overrides or base>_fold_<k>``, as the guide's run folders are named."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    parts = [f"{k.split('.')[-1].replace('num_', '').replace('_size', '')}_{v}" for k, v in (explicit or {}).items()
+             if k not in ("data.fold", "data.data_dir")]
+    middle = "_".join(parts) if parts else "base"
+    return re.sub(r"[^\w.\-]", "_", f"{cfg.data.dataset_name}_{middle}_fold_{cfg.data.fold}")
+
+
+def unique_dir(root: Path, name: str) -> Path:
+    """A new run folder: an existing one is never overwritten (``name_2``, ``name_3``…)."""
+    candidate, n = root / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{name}_{n}"
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Session:
+    """What exists once the MLflow run is open; owned by ``train``."""
+
+    cfg: RunConfig
+    run_dir: Path
+    tracker: Any
+    device: torch.device
+    class_names: list[str]
+    split_digest: str
+    resume: Optional[ResumePoint]
+
+
+def train(cfg: RunConfig, resume: Optional[ResumePoint] = None, *, explicit: dict[str, Any] | None = None,
+          parent_run_id: str | None = None, role: str = "train", extra_tags: dict[str, str] | None = None,
+          epoch_callback: Any = None) -> TrainResult:
+    """Train one (config, fold) as one MLflow run; see the module docstring for the exit-path contract.
+
+    ``epoch_callback(ctx)`` is called after each epoch's hooks (Optuna reporting/pruning uses it).
+    """
+    device = resolve_device(cfg.training.device)
+    names, digest = prepare_data(cfg)
+    cfg = _with_num_classes(cfg, len(names))
+    from mltrack.models import preflight_weights
+
+    preflight_weights(cfg.model)
+    if resume is not None:
+        check_compatible(resume, cfg, names, digest)
+    session = _open_session(cfg, device, names, digest, resume, explicit, parent_run_id, role, extra_tags)
+    previous = _install_signal_handlers()
+    status, reason = "FAILED", "exception"
+    try:
+        result = _train_in_session(session, epoch_callback)
+        status, reason = "FINISHED", None
+        return result
+    except Interrupted as stop:
+        status, reason = "KILLED", stop.signal_name
+        log.warning("%s received: stopped after the last completed epoch; resume with "
+                    "mltrack train --resume runs:/%s/weights/last.pt", stop.signal_name, session.tracker.run_id)
+        raise SystemExit(EXIT_KILLED.get(stop.signal_name, 143)) from None
+    except NonFiniteLossError:
+        reason = "nonfinite_loss"
+        raise
+    except UserError as err:
+        reason = f"user_error: {str(err)[:200]}"
+        raise
+    except BaseException as err:  # noqa: BLE001 - the status must be set for SystemExit too
+        reason = f"{type(err).__name__}: {str(err)[:200]}"
+        raise
+    finally:
+        _restore_signal_handlers(previous)
+        session.tracker.finish(status, reason)
+
+
+def _with_num_classes(cfg: RunConfig, n: int) -> RunConfig:
+    from mltrack.config import replace
+
+    return cfg if cfg.model.num_classes == n else replace(cfg, **{"model.num_classes": n})
+
+
+def _open_session(cfg: RunConfig, device: torch.device, names: list[str], digest: str,
+                  resume: Optional[ResumePoint], explicit: dict[str, Any] | None, parent_run_id: str | None,
+                  role: str, extra_tags: dict[str, str] | None) -> Session:
+    from mltrack.tracking import Tracker
+
+    name = run_name(cfg, explicit)
+    if resume is not None and resume.run_dir is not None and resume.run_dir.is_dir():
+        run_dir = resume.run_dir  # continue the same local folder
+    else:
+        run_dir = unique_dir(Path(cfg.tracking.runs_dir), name)
+    setup_logging(run_dir / "logs" / "train.log")
+    tags = {
+        "mltrack.role": role, "mltrack.fold": str(cfg.data.fold), "mltrack.trainer_type": cfg.training.trainer_type,
+        "mltrack.dataset": cfg.data.dataset_name, "mltrack.split_digest": digest,
+        "mltrack.run_dir": str(run_dir.resolve()), **(extra_tags or {}),
+    }
+    if resume is not None:
+        tags["mltrack.resumed_from"] = resume.uri
+    tracker = Tracker.start(
+        cfg.tracking.experiment_name or cfg.data.dataset_name, run_dir.name, tags,
+        resume_run_id=resume.run_id if resume is not None else None, parent_run_id=parent_run_id,
+        spool_dir=run_dir / "spool",
+    )
+    return Session(cfg, run_dir, tracker, device, names, digest, resume)
+
+
+def _train_in_session(s: Session, epoch_callback: Any) -> TrainResult:
+    from mltrack.data.loaders import build_loaders
+    from mltrack.hooks import CheckpointHook, ConsoleHook, TensorBoardHook, TrackingHook
+    from mltrack.models import build_model
+    from mltrack.optim import build_optimizer, build_scheduler
+    from mltrack.trainers import build_trainer
+
+    cfg, tracker = s.cfg, s.tracker
+    seed_everything(cfg.training.seed, cfg.training.deterministic)
+    log.info("Using fold: %d  device: %s  trainer: %s", cfg.data.fold, s.device, cfg.training.trainer_type)
+    loaders = build_loaders(cfg.data, cfg.training.batch_size, cfg.training.seed, cfg.training.deterministic,
+                            s.device.type)
+    log.info("Dataset sizes: %s", loaders.sizes)
+    trainer = build_trainer(cfg.training, s.device)
+    model = build_model(cfg.model, len(s.class_names))
+    optimizer = build_optimizer(cfg.optimizer, model.parameters() if False else model)
+    model, optimizer, loader_map = trainer.prepare(
+        model, optimizer, {"train": loaders.train, "val": loaders.val, "test": loaders.test})
+    steps = max(1, -(-len(loader_map["train"]) // cfg.training.gradient_accumulation_steps))
+    schedule = build_scheduler(cfg.scheduler, optimizer, cfg.training.num_epochs, steps, cfg.optimizer.lr)
+    ctx = FitContext(cfg, trainer.compile(model), optimizer, schedule, trainer, loader_map,
+                     torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing), s.class_names,
+                     progress=_progress_factory(cfg))
+    _log_run_inputs(s, trainer, loaders.sizes)
+    if s.resume is not None:
+        _restore(ctx, s.resume, loaders.generator)
+    if trainer.is_main_process:
+        log.info("Starting Training (epochs %d..%d)", ctx.state.epoch, cfg.training.num_epochs - 1)
+    meta = {"split_digest": s.split_digest, "dataset_fingerprint": s.split_digest, "mlflow_run_id": tracker.run_id}
+    hooks = [CheckpointHook(s.run_dir / "weights", tracker, meta), TrackingHook(tracker, cfg.tracking.confusion_every_epoch)]
+    if cfg.tracking.tensorboard:
+        hooks.append(TensorBoardHook(s.run_dir / "tensorboard"))
+    hooks.append(ConsoleHook())
+    if epoch_callback is not None:
+        hooks.append(_CallbackHook(epoch_callback))
+    fit(ctx, hooks)
+    from mltrack.report import finalize
+
+    test_metrics = finalize(ctx, s.run_dir, tracker, loaders)
+    trainer.end()
+    return TrainResult(tracker.run_id, s.run_dir, ctx.state.best_epoch, ctx.state.best_metric, test_metrics)
+
+
+class _CallbackHook:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        return None
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        self.fn(ctx)
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        return None
+
+
+def _progress_factory(cfg: RunConfig) -> Any:
+    from mltrack.console import progress
+
+    mode = cfg.tracking.progress
+    if mode == "off":
+        return None
+    enabled = True if mode == "on" else None  # None: rich decides by TTY
+    return lambda total, label: progress(total, label, enabled=enabled)
+
+
+def _log_run_inputs(s: Session, trainer: Any, sizes: dict[str, int]) -> None:
+    """Params, config, class map and split files: once per run (params are immutable on resume)."""
+    from mltrack.config import flatten
+    from mltrack.hooks import write_json
+
+    cfg, tracker, run_dir = s.cfg, s.tracker, s.run_dir
+    if s.resume is None:
+        params = {**flatten(cfg), **{f"data.size.{k}": v for k, v in sizes.items()}, **trainer.extra_params()}
+        tracker.log_params(params)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(write_json(run_dir / "class_map.json",
+                                        {str(i): n for i, n in enumerate(s.class_names)}))
+        splits = Path(cfg.data.data_dir) / "splits"
+        target = run_dir / "splits"
+        target.mkdir(exist_ok=True)
+        for name in (f"fold_{cfg.data.fold}_train.txt", f"fold_{cfg.data.fold}_val.txt", "test.txt"):
+            shutil.copyfile(splits / name, target / name)
+        tracker.log_artifacts(target, "splits")
+    elif s.resume.drift:
+        n = s.resume.resume_count
+        path = run_dir / "config" / f"resume_{n}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(to_yaml(cfg))
+        tracker.log_artifact(path, "config")
+        tracker.set_tags({"mltrack.param_drift": ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in s.resume.drift.items())[:4900],
+                          "mltrack.resume_count": str(n)})
+
+
+def _restore(ctx: FitContext, point: ResumePoint, generator: torch.Generator) -> None:
+    state = point.state
+    ctx.trainer.unwrap(ctx.model).load_state_dict(state["model"])  # strict: shapes were checked
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.schedule.load_state_dict(state["scheduler"])
+    ctx.trainer.load_state_dict(state["trainer"])
+    ctx.state = FitState.from_dict(state["progress"])
+    checkpoint.set_rng_state(state["rng"], generator)
+    log.info("Resumed from %s at epoch %d (global step %d)", point.uri, ctx.state.epoch, ctx.state.global_step)
+
+
+# ---------------------------------------------------------------- signals
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """SIGTERM/SIGINT ask the loop to stop at the next batch boundary (the current step completes)."""
+    from mltrack.trainers import loop
+
+    previous: dict[int, Any] = {}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        loop.STOP_REQUESTED = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread (e.g. an Optuna worker thread): leave signals alone
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    from mltrack.trainers import loop
+
+    loop.STOP_REQUESTED = None
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def print_final(result: TrainResult, out: Any = sys.stdout) -> None:
+    """The closing block of a training run: where it is and how to look at it."""
+    acc = result.test_metrics.get("test/acc")
+    lines = [
+        "",
+        f"run id:        {result.run_id}",
+        f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a",
+        f"run folder:    {result.run_dir}",
+        "compare runs:  mlflow ui --backend-store-uri " + _ui_uri(),
+        f"tensorboard:   tensorboard --logdir {result.run_dir.parent}",
+    ]
+    print("\n".join(lines), file=out, flush=True)
+
+
+def _ui_uri() -> str:
+    from mltrack.tracking import tracking_uri
+
+    return tracking_uri()
