@@ -128,6 +128,12 @@ class TrackingConfig(_Frozen):
     confusion_every_epoch: bool = True
     progress: Literal["auto", "on", "off"] = "auto"  # rich progress bars; auto: only on a TTY
 
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean; accept what the user meant.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class RunConfig(_Frozen):
     data: DataConfig = DataConfig()

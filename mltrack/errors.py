@@ -1,6 +1,11 @@
 """User-facing errors: anything a user can cause ends as one message and exit code 2."""
 from __future__ import annotations
 
+import re
+
+# A DataLoader worker re-raises the original exception type with the worker traceback in its text.
+_WORKER_WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+
 
 class UserError(Exception):
     """An error caused by input the user controls (paths, config, flags, data).
@@ -22,3 +27,14 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be trusted or used: unsafe pickle, checksum mismatch, incompatible."""
+
+
+def user_message(err: BaseException) -> str:
+    """The message to show a user: for an error re-raised from a DataLoader worker, only its original
+    text ("cannot read image <path>: <reason>"), not the worker traceback wrapped around it."""
+    text = str(err)
+    if not _WORKER_WRAPPED.match(text):
+        return text
+    marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if at >= 0 else text

@@ -67,7 +67,7 @@ _AUX_HEADS: dict[str, tuple[str, ...]] = {"googlenet": ("aux1", "aux2"), "incept
 # Key prefixes added by wrappers: DDP/DataParallel, torch.compile, Opacus GradSampleModule.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_module.")
 # Old torchvision DenseNet files name layers 'norm.1' where the module is now 'norm1'.
-_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _resolve(ref: str) -> Any:
@@ -295,7 +295,8 @@ def preflight_weights(cfg: ModelConfig) -> None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict with ``weights_only=True``; accepts a bare state dict or a dict holding one under
-    ``model`` / ``state_dict`` (mltrack checkpoints), and strips wrapper prefixes (``module.`` ...)."""
+    ``model`` / ``state_dict`` (mltrack checkpoints), and strips wrapper prefixes (``module.`` ...).
+    The ``_metadata`` (per-module versions) is kept: BatchNorm and MNASNet read it to load old files."""
     import pickle
 
     import torch
@@ -315,8 +316,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"weights file {path} does not hold a state dict (name -> tensor)")
     for prefix in _WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return {(_legacy_densenet_key(k)): v for k, v in obj.items()}
+            obj = _rekey(obj, lambda k, p=prefix: k[len(p):] if k.startswith(p) else ("" if k == p[:-1] else k))
+    return _rekey(obj, _legacy_densenet_key)
+
+
+def _rekey(state: dict[str, Any], rename: Any, keep: Any = None) -> dict[str, Any]:
+    """A copy of ``state`` with keys renamed (and filtered by ``keep``), its ``_metadata`` following."""
+    from collections import OrderedDict
+
+    out: Any = OrderedDict((rename(k), v) for k, v in state.items() if keep is None or keep(k))
+    meta = getattr(state, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict((rename(k), v) for k, v in meta.items())
+    return out
 
 
 def _legacy_densenet_key(key: str) -> str:
@@ -325,24 +337,23 @@ def _legacy_densenet_key(key: str) -> str:
 
 
 def _load_weights_file(model: nn.Module, architecture: str, path: Path) -> None:
-    """Load a state dict file into ``model``; the file's head is dropped when its size differs (so the
-    model keeps its fresh ``num_classes`` head); any other difference is a UserError (never strict=False
-    silently)."""
+    """Load a state dict file into ``model``. The file's head is dropped when its size differs (the model
+    keeps its fresh ``num_classes`` head) or is absent; any other difference is a UserError, never a
+    silent partial load."""
     state = _read_state_dict(path.expanduser())
-    aux = tuple(f"{attr}." for attr in _AUX_HEADS.get(architecture, ()))
-    state = {k: v for k, v in state.items() if not (aux and k.startswith(aux))}
     own = model.state_dict()
     head = head_name(model)
     head_keys = {k for k in own if k.startswith(f"{head}.")}
-    shape_diff = {k for k in state.keys() & own.keys() if state[k].shape != own[k].shape}
-    if shape_diff and shape_diff <= head_keys:
-        state = {k: v for k, v in state.items() if k not in head_keys}
-        shape_diff = set()
-    missing = sorted(own.keys() - state.keys() - head_keys)  # a file without a head is fine: ours is fresh
-    unexpected = sorted(state.keys() - own.keys())
-    if missing or unexpected or shape_diff:
-        raise UserError(_mismatch_message(path, architecture, missing, unexpected, sorted(shape_diff), state, own))
-    model.load_state_dict(state, strict=False)
+    shapes = {k for k in state.keys() & own.keys() if state[k].shape != own[k].shape}
+    aux = tuple(f"{attr}." for attr in _AUX_HEADS.get(architecture, ())) or None  # we build without aux heads
+    drop = head_keys if shapes and shapes <= head_keys else set()
+    state = _rekey(state, lambda k: k, keep=lambda k: k not in drop and not (aux and k.startswith(aux)))
+    if shapes - drop:
+        raise UserError(_mismatch_message(path, architecture, [], [], sorted(shapes - drop), state, own))
+    result = model.load_state_dict(state, strict=False)
+    missing = sorted(set(result.missing_keys) - head_keys)
+    if missing or result.unexpected_keys:
+        raise UserError(_mismatch_message(path, architecture, missing, sorted(result.unexpected_keys), [], state, own))
 
 
 def _mismatch_message(

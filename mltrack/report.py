@@ -24,14 +24,17 @@ def _eval_loader(ctx: FitContext, split: str, template: DataLoader) -> DataLoade
     """A deterministic (eval-transform, unshuffled) loader over ``split``; train included for its report."""
     from mltrack.data.dataset import ImageListDataset
     from mltrack.data.index import read_index
+    from mltrack.data.loaders import seed_worker
     from mltrack.data.transforms import build_transform
 
     data = ctx.cfg.data
     samples = read_index(Path(data.data_dir), split, data.fold)
     dataset = ImageListDataset(Path(data.data_dir) / "raw", samples,
                                build_transform(data.transforms, data.image_size, train=False), data.max_image_pixels)
+    # Its own seeded generator: evaluation must not draw from the global RNG a resumed run restores.
     return DataLoader(dataset, batch_size=template.batch_size, shuffle=False, num_workers=template.num_workers,
-                      pin_memory=template.pin_memory)
+                      pin_memory=template.pin_memory, worker_init_fn=seed_worker,
+                      generator=torch.Generator().manual_seed(ctx.cfg.training.seed + 3))
 
 
 def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any) -> dict[str, float]:

@@ -220,7 +220,7 @@ def _train_in_session(s: Session, epoch_callback: Any) -> TrainResult:
     log.info("Dataset sizes: %s", loaders.sizes)
     trainer = build_trainer(cfg.training, s.device)
     model = build_model(cfg.model, len(s.class_names))
-    optimizer = build_optimizer(cfg.optimizer, model.parameters() if False else model)
+    optimizer = build_optimizer(cfg.optimizer, model)  # the module: decay is skipped for biases and norms
     model, optimizer, loader_map = trainer.prepare(
         model, optimizer, {"train": loaders.train, "val": loaders.val, "test": loaders.test})
     steps = max(1, -(-len(loader_map["train"]) // cfg.training.gradient_accumulation_steps))

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import mlflow.artifacts
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
@@ -160,10 +161,8 @@ class Tracker:
             return
         if not src.is_file():
             raise FileNotFoundError(f"cannot log artifact: {src} does not exist")
-        staged = self._stage_dir() / src.name
-        link_or_copy(src, staged)
-        self._delivery.put([{"op": "artifact", "path": str(staged), "artifact_path": artifact_path,
-                             "cleanup": True}])
+        self._delivery.put([{"op": "artifact", "path": str(src), "artifact_path": artifact_path,
+                             "cleanup": False}])
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         """Queue an upload of the directory's contents as they are now (snapshot by hard links)."""
@@ -340,6 +339,7 @@ class _Sender:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self._client, self._run_id = client, run_id
         self._server_steps: dict[str, set[int]] = {}  # per key, fetched once when first replaying it
+        self._repo: Any = None  # artifact repository of the run, resolved against *this* client's URI
 
     def __call__(self, batch: list[Op], replay: bool) -> None:
         kind = batch[0]["op"]
@@ -377,10 +377,15 @@ class _Sender:
         path = Path(op["path"])
         if not path.exists():
             raise FileNotFoundError(f"the local copy to upload is gone: {path}")
+        if self._repo is None:
+            # Not client.log_artifact: MLflow caches that repository per run id process-wide, bound to
+            # the first tracking URI seen, so a replay to another server would upload to the dead one.
+            artifact_uri = self._client.get_run(self._run_id).info.artifact_uri
+            self._repo = get_artifact_repository(artifact_uri, tracking_uri=self._client.tracking_uri)
         if op["op"] == "artifact":
-            self._client.log_artifact(self._run_id, str(path), op["artifact_path"])
+            self._repo.log_artifact(str(path), op["artifact_path"])
         else:
-            self._client.log_artifacts(self._run_id, str(path), op["artifact_path"])
+            self._repo.log_artifacts(str(path), op["artifact_path"])
         if op.get("cleanup"):  # staged copy: <stage root>/<unique dir>/<name>
             shutil.rmtree(path.parent, ignore_errors=True)
 

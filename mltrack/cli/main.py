@@ -16,7 +16,7 @@ import click
 
 import mltrack
 from mltrack.cli.args import normalize_args, option_arity
-from mltrack.errors import UserError
+from mltrack.errors import UserError, user_message
 
 # Subcommand name -> "module:attr" of its click command, imported only when the command is used or
 # listed. To add a command, add one line here.
@@ -77,7 +77,7 @@ class MltrackGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            print_error(str(err))
+            print_error(user_message(err))
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             print_error("interrupted")

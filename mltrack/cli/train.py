@@ -54,16 +54,29 @@ def collect_overrides(overrides: str | None, sets: tuple[str, ...]) -> list[str]
               help="Override any config key (dotted, value read as YAML); repeatable.")
 @click.option("--overrides", type=str, default=None, metavar='"K=V K2=V2"',
               help="Several KEY=VALUE overrides in one string (what MLproject passes).")
+@click.option("--allow-config-change", is_flag=True,
+              help="On resume, accept config changes beyond --num-epochs (recorded as mltrack.param_drift).")
+@click.option("--fallback-previous", is_flag=True,
+              help="On resume, if last.pt fails its checksum, resume from the previous verified checkpoint.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit without training.")
 def train(config: Path | None, resume: str | None, sets: tuple[str, ...], overrides: str | None,
-          print_config: bool, **flags: Any) -> None:
+          print_config: bool, allow_config_change: bool, fallback_previous: bool, **flags: Any) -> None:
     """Train one fold. Precedence: flag > --set/--overrides > --config YAML > defaults."""
     from mltrack.config import CLI_FLAG_KEYS, load_config, to_yaml
     from mltrack.console import get_logger
 
     path = resolve_config_path(config)
     cli_values = {name: value for name, value in flags.items() if name in CLI_FLAG_KEYS}
-    cfg = load_config(path, collect_overrides(overrides, sets), cli_values)
+    items = collect_overrides(overrides, sets)
+    point = None
+    if resume and not print_config:
+        # On resume the checkpoint's own config is the base: only what was typed now may change it.
+        from mltrack.resume import open_resume, resume_config
+
+        point = open_resume(resume, fallback_previous)
+        cfg = resume_config(point, items, cli_values, allow_config_change)
+    else:
+        cfg = load_config(path, items, cli_values)
     if print_config:
         # Inputs that are not config keys go first as YAML comments, so the output stays valid YAML.
         click.echo(f"# config: {path if path is not None else '(built-in defaults)'}")
@@ -71,7 +84,19 @@ def train(config: Path | None, resume: str | None, sets: tuple[str, ...], overri
             click.echo(f"# resume: {resume}")
         click.echo(to_yaml(cfg), nl=False)
         return
-    get_logger().info("config: %s", path if path is not None else "built-in defaults")
-    from mltrack.run import train as run_train
+    get_logger().info("config: %s", f"resumed from {resume}" if point else (path or "built-in defaults"))
+    from mltrack.config import CLI_FLAG_KEYS as keys, parse_override
+    from mltrack.run import print_final, train as run_train
+    from mltrack.trainers.loop import NonFiniteLossError
 
-    run_train(cfg, resume=resume)
+    # What the user set explicitly names the run folder (the guide's hymenoptera_batch_32_fold_0).
+    explicit = dict(parse_override(item) for item in items)
+    explicit.update({keys[k]: v for k, v in cli_values.items() if v is not None})
+    try:
+        result = run_train(cfg, resume=point, explicit=explicit)
+    except NonFiniteLossError as err:
+        from mltrack.cli.main import print_error
+
+        print_error(f"training stopped: {err}")
+        raise SystemExit(1) from None
+    print_final(result)

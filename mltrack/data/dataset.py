@@ -8,7 +8,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mltrack.errors import user_message
 from mltrack.data.images import load_rgb
+
+# DataLoader re-raises a worker's exception as ``type(msg)`` with msg = "Caught X in DataLoader worker
+# process N.\nOriginal Traceback ...\n<module>.X: <original message>".
 
 
 class ImageListDataset(Dataset):
@@ -43,3 +47,8 @@ class ImageListDataset(Dataset):
     def targets(self) -> list[int]:
         """Labels in sample order (for samplers and class counts; no file is read)."""
         return [label for _, label in self.samples]
+
+
+def worker_error_message(err: BaseException) -> str:
+    """Kept for callers of the data package; the logic lives in ``mltrack.errors.user_message``."""
+    return user_message(err)

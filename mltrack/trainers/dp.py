@@ -32,6 +32,7 @@ and costs no privacy. Per-sample clipping is ``training.dp.max_grad_norm``.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -86,6 +87,16 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.
     return type(optimizer)(groups, **defaults)
 
 
+def _summary(replaced: list[str], shown: int = 8) -> str:
+    """``"6 replaced (BatchNorm2d -> GroupNorm): features.0.1, …"``: short enough for an MLflow param."""
+    if not replaced:
+        return "none"
+    kinds = sorted({r.split(": ", 1)[1] for r in replaced})
+    names = [r.split(": ", 1)[0] for r in replaced]
+    more = f", … ({len(names) - shown} more)" if len(names) > shown else ""
+    return f"{len(names)} replaced ({'; '.join(kinds)}): {', '.join(names[:shown])}{more}"
+
+
 def _check_sampler(loader: DataLoader) -> None:
     sampler, batches = loader.sampler, loader.batch_sampler
     if not isinstance(sampler, (RandomSampler, SequentialSampler)) or type(batches) is not BatchSampler:
@@ -119,7 +130,10 @@ class DPTrainer(Trainer):
                 "training.batch_size instead (it is the expected Poisson batch size)"
             )
         try:
-            self.engine = PrivacyEngine(accountant=self.dp.accountant, secure_mode=self.dp.secure_mode)
+            with warnings.catch_warnings():
+                # Opacus warns on every engine that secure_mode is off; we log dp.secure_mode as a param instead.
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                self.engine = PrivacyEngine(accountant=self.dp.accountant, secure_mode=self.dp.secure_mode)
         except ImportError as err:
             raise ConfigError(f"training.dp.secure_mode: true needs torchcsprng ({err}); install it or set "
                               "secure_mode: false") from None
@@ -225,7 +239,7 @@ class DPTrainer(Trainer):
             "dp.target_epsilon": self.dp.target_epsilon, "dp.accountant": self.dp.accountant,
             "dp.poisson_sampling": True, "dp.secure_mode": self.dp.secure_mode,
             "dp.grad_sample_mode": self.grad_sample_mode, "dp.expected_batch_size": self.expected_batch_size,
-            "dp.planned_steps": self.planned_steps, "dp.replaced_modules": "; ".join(self.replaced)[:500] or "none",
+            "dp.planned_steps": self.planned_steps, "dp.replaced_modules": _summary(self.replaced),
         }
 
     def state_dict(self) -> dict[str, Any]:

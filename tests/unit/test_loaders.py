@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from mltrack.config import DataConfig, TransformName
-from mltrack.data.dataset import ImageListDataset
+from mltrack.data.dataset import ImageListDataset, worker_error_message
 from mltrack.data.index import read_index
 from mltrack.data.loaders import build_loaders, resolve_num_workers
 from mltrack.data.transforms import TRANSFORMS, build_transform
@@ -184,8 +184,11 @@ def test_bad_file_in_worker_raises_data_error(tiny_dataset):
     rel = read_index(data, "train", 0)[0][0]
     (data / "raw" / rel).write_bytes(b"")
     loaders = build_loaders(_cfg(data, num_workers=2), 2, 0, True, "cpu", splits=("train",))
-    with pytest.raises(DataError, match=rel.replace(".", r"\.")):
+    with pytest.raises(DataError, match=rel.replace(".", r"\.")) as err:
         _epoch(loaders.train)
+    clean = worker_error_message(err.value)
+    assert clean == f"cannot read image {data / 'raw' / rel}: empty file (0 bytes)"
+    assert worker_error_message(DataError("plain")) == "plain"
 
 
 def test_empty_train_index_is_an_error(tiny_dataset):

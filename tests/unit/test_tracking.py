@@ -40,9 +40,9 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template_db: Path) ->
     return MlflowClient(tracking_uri=f"sqlite:///{db}")
 
 
-def _record(client: MlflowClient, calls: list[tuple[str, Any]], gate: threading.Event | None = None) -> None:
-    """Wrap the client's write methods (still calling through) to record their order; with ``gate``,
-    the first call waits for it, so the test can pile up operations behind it."""
+def _record(tracker: Tracker, calls: list[tuple[str, Any]], gate: threading.Event | None = None) -> None:
+    """Wrap the tracker's outgoing calls (still calling through to the real store) to record their
+    order; with ``gate``, the first call waits for it, so the test can pile up operations behind it."""
     first = [True]
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,8 +58,10 @@ def _record(client: MlflowClient, calls: list[tuple[str, Any]], gate: threading.
             return fn(*args, **kwargs)
         return call
 
-    for name in ("log_batch", "log_artifact", "log_artifacts", "set_terminated"):
+    client, sender = tracker._client, tracker._delivery._send
+    for name in ("log_batch", "set_terminated"):
         setattr(client, name, wrap(name, getattr(client, name)))
+    sender._upload = wrap("upload", sender._upload)
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -120,7 +122,7 @@ def test_experiment_env_wins(store: MlflowClient, monkeypatch: pytest.MonkeyPatc
 def test_params_chunked_truncated_and_immutable(store: MlflowClient) -> None:
     t = Tracker.start("exp", "p", {})
     calls: list[tuple[str, Any]] = []
-    _record(t._client, calls)
+    _record(t, calls)
     params = {f"group.key_{i:03d}": i for i in range(250)}
     params["long"] = "x" * 7000
     t.log_params(params)
@@ -146,7 +148,7 @@ def test_metrics_are_queued_coalesced_and_land_with_steps(store: MlflowClient) -
     t = Tracker.start("exp", "m", {})
     calls: list[tuple[str, Any]] = []
     gate = threading.Event()
-    _record(t._client, calls, gate)
+    _record(t, calls, gate)
     t.set_tags({"first": "op"})  # the worker blocks on this one until the gate opens
     began = time.perf_counter()
     for step in range(5):
@@ -172,7 +174,7 @@ def test_order_artifact_then_metrics_then_commit_tag(store: MlflowClient, tmp_pa
     t = Tracker.start("exp", "order", {})
     calls: list[tuple[str, Any]] = []
     gate = threading.Event()
-    _record(t._client, calls, gate)
+    _record(t, calls, gate)
     t.set_tags({"mltrack.role": "train"})
     ckpt = tmp_path / "weights" / "last.pt"
     ckpt.parent.mkdir()
@@ -190,7 +192,7 @@ def test_order_artifact_then_metrics_then_commit_tag(store: MlflowClient, tmp_pa
     gate.set()
     assert t.flush(10)
     kinds = [kind for kind, _ in calls][1:]
-    assert kinds == ["log_artifact", "metrics", "tags"] * 3
+    assert kinds == ["upload", "metrics", "tags"] * 3
     committed = [batch[0].value for kind, batch in calls[1:] if kind == "tags"]
     assert committed == ["0", "1", "2"]
     local = download_artifact(f"runs:/{t.run_id}/weights/last.pt", tmp_path / "dl")
@@ -206,7 +208,7 @@ def test_snapshot_and_figure_upload(store: MlflowClient, tmp_path: Path) -> None
 
     t = Tracker.start("exp", "art", {})
     gate = threading.Event()
-    _record(t._client, [], gate)
+    _record(t, [], gate)
     t.set_tags({"blocked": "1"})
     ckpt = tmp_path / "last.pt"
     ckpt.write_text("epoch 0")
