@@ -16,10 +16,10 @@ ack lines ``{"ack": seq}`` meaning every operation up to that ``seq`` was delive
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 from collections import deque
@@ -31,6 +31,7 @@ SendFn = Callable[[list[Op], bool], None]  # (batch, replay) -> None; raises on 
 
 log = logging.getLogger("mltrack.tracking")
 
+WORKER_THREAD = "mltrack-tracking"
 PROBE_MIN_S = 1.0  # first retry while offline; doubles up to PROBE_MAX_S so a dead server costs little
 PROBE_MAX_S = 5.0
 _KEY_RE = re.compile(r"^[/\w.\- :]+$")  # MLflow's rule for metric/param/tag names (POSIX)
@@ -144,8 +145,9 @@ class Delivery:
         self._stopped = False
         self._probe_at = 0.0
         self._probe_wait = PROBE_MIN_S
+        self._last_error: BaseException | None = None
         self.delivered = 0  # ops delivered or dropped, for reports
-        self._thread = threading.Thread(target=self._run, name="mltrack-tracking", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=WORKER_THREAD, daemon=True)
         self._thread.start()
 
     @property
@@ -205,15 +207,16 @@ class Delivery:
     def _run(self) -> None:
         while True:
             with self._cv:
-                batch, replay = self._next_batch_locked()
+                batch = self._next_batch_locked()
                 if batch is None:
                     return
-            outcome = self._attempt(batch)
+            outcome = self._attempt(batch)  # outside the lock: put() must never wait for the network
             with self._cv:
-                self._settle_locked(batch, replay, outcome)
+                self._settle_locked(batch, outcome)
                 self._cv.notify_all()
 
-    def _next_batch_locked(self) -> tuple[list[Op] | None, bool]:
+    def _next_batch_locked(self) -> list[Op] | None:
+        """The next batch to send (marked in flight), waiting as needed; None once stopped."""
         while not self._stopped:
             if self._backlog:
                 if self._queue:  # offline: new ops go to disk at once so a crash cannot lose them
@@ -222,31 +225,33 @@ class Delivery:
                 wait = self._probe_at - time.monotonic()
                 if wait <= 0:
                     self._inflight = group(self._backlog)[0]
-                    return self._inflight, True
+                    return self._inflight
                 self._cv.wait(wait)
             elif self._queue:
                 batch = group(list(self._queue))[0]
                 for _ in batch:
                     self._queue.popleft()
                 self._inflight = batch
-                return batch, False
+                return batch
             else:
                 self._cv.notify_all()  # idle: wake flushers
                 self._cv.wait()
-        return None, False
+        return None
 
     def _attempt(self, batch: list[Op]) -> str:
+        """Send once: "ok", "dropped" (can never succeed) or "retry" (unreachable, or unknown error)."""
         try:
             self._send(batch, "seq" in batch[0])
             return "ok"
         except Exception as exc:  # the worker must survive anything; classify, never crash
             if self._is_permanent(exc):
-                log.warning("tracking: dropping %s for good (it can never succeed): %s", _describe(batch), exc)
+                log.warning("tracking: dropping %s for good (it can never succeed): %s", _describe(batch),
+                            first_line(exc))
                 return "dropped"
             self._last_error = exc
             return "retry"
 
-    def _settle_locked(self, batch: list[Op], replay: bool, outcome: str) -> None:
+    def _settle_locked(self, batch: list[Op], outcome: str) -> None:
         self._inflight = None
         spooled = "seq" in batch[0]  # replayed from the backlog, or spooled by close() meanwhile
         if outcome == "retry":
@@ -265,18 +270,17 @@ class Delivery:
             return
         del self._backlog[: len(batch)]
         self._try_disk(self._spool.ack, batch[-1]["seq"])
-        if self._offline and outcome == "ok":
+        if self._offline and (outcome == "ok" or not self._backlog):  # the server answered
             self._offline = False
             self._probe_wait = PROBE_MIN_S
-            log.info("tracking back online (%s): replaying %d spooled operations", self._where,
-                        len(self._backlog) + len(batch))
+            log.info("tracking back online (%s): %d spooled operations left to replay", self._where,
+                     len(self._backlog))
         if not self._backlog:
             self._try_disk(self._spool.remove)
 
     def _go_offline(self) -> None:
-        err = getattr(self, "_last_error", None)
         log.warning("tracking offline (%s): spooling to %s; will replay when it is back (%s)",
-                    self._where, self._spool.path, first_line(err))
+                    self._where, self._spool.path, first_line(self._last_error))
 
     def _spool_locked(self, ops: list[Op]) -> None:
         if ops:
@@ -330,3 +334,18 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> st
     except OSError:
         shutil.copy2(src, dst)
     return str(dst)
+
+
+class _QuietWorkerRetries(logging.Filter):
+    """Drops urllib3's per-attempt "Retrying ..." warnings raised on the tracking worker thread: during
+    an outage they would repeat every few seconds, and the tracker already said once that it is offline."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.threadName == WORKER_THREAD and record.getMessage().startswith("Retrying"))
+
+
+def quiet_worker_retries() -> None:
+    """Install :class:`_QuietWorkerRetries` on urllib3's pool logger once (affects only our thread)."""
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _QuietWorkerRetries) for f in pool_log.filters):
+        pool_log.addFilter(_QuietWorkerRetries())

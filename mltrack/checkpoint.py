@@ -3,6 +3,18 @@
 A checkpoint is a dict of tensors, lists, dicts and primitives only, so that
 ``torch.load(weights_only=True)`` with an empty safe-globals list can read it: anything that would
 need unpickling of arbitrary globals is by construction not ours and is refused as unsafe.
+
+Write protocol (``save`` and ``copy_verified``), safe against a crash at any instruction:
+
+1. the new bytes go to a temp file ``.<name>.<pid>.tmp`` in the same directory, fsync'd;
+2. the manifest ``<name>.sha256`` is atomically rewritten to list the new digest *and* the current
+   one, so whichever file sits at ``<name>`` verifies;
+3. ``os.replace(tmp, <name>)`` + fsync of the directory;
+4. the manifest is atomically rewritten to list only the new digest.
+
+A previous good file is therefore never overwritten before the new one is complete, no file named
+``<name>`` is ever truncated, and a file and its manifest always agree. Temp files left by a crash
+are ignored and removed by :func:`clean_stale_tmp` on the next start.
 """
 from __future__ import annotations
 
@@ -10,8 +22,9 @@ import hashlib
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -31,8 +44,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
 def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
+    # A rename is durable only once the directory entry is on disk.
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -40,44 +61,110 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same directory, fsync, then os.replace over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
+def _write_tmp(path: Path, write: Callable[[BinaryIO], Any], fault_epoch: int | None = None) -> Path:
+    """Write ``path``'s temp file completely and fsync it; return the temp path."""
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        if fault_epoch is not None and _fault_armed("ckpt_write_half", fault_epoch):  # a crash mid-write
+            fh.truncate(fh.tell() // 2)
             os.fsync(fh.fileno())
-        _fault("ckpt_before_replace")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            _fault("ckpt_write_half", fault_epoch)
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def _write_manifest(path: Path, digests: list[str]) -> None:
+    manifest = manifest_path(path)
+    body = "".join(f"{d}  {path.name}\n" for d in dict.fromkeys(digests))
+    tmp = _write_tmp(manifest, lambda fh: fh.write(body.encode()))
+    os.replace(tmp, manifest)
     _fsync_dir(path.parent)
 
 
-def _fault(point: str) -> None:
-    """Crash here when MLTRACK_FAULT_AT names this point (fault-injection tests only)."""
-    if os.environ.get("MLTRACK_FAULT_AT") == point:
-        os._exit(137)
+def manifest_digests(path: Path) -> list[str]:
+    """The sha256 digests the manifest of ``path`` accepts (empty when there is no manifest)."""
+    manifest = manifest_path(path)
+    if not manifest.is_file():
+        return []
+    return [line.split()[0] for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def _install(tmp: Path, path: Path, digest: str, fault_epoch: int | None = None) -> None:
+    """Steps 2-4 of the module's write protocol: ``tmp`` (complete, fsync'd) becomes ``path``."""
+    current = manifest_digests(path) if path.exists() else []
+    _write_manifest(path, [digest, *current[:1]])
+    _fault("ckpt_before_replace", fault_epoch)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    _fault("ckpt_after_replace", fault_epoch)
+    _write_manifest(path, [digest])
+
+
+def _fault_armed(point: str, epoch: int | None) -> bool:
+    if os.environ.get("MLTRACK_FAULT_AT") != point:
+        return False
+    from mltrack.trainers.loop import fault_matches  # only under fault injection
+
+    return fault_matches(point, epoch)
+
+
+def _fault(point: str, epoch: int | None) -> None:
+    """Fault injection (tests only; saves of training states only): see :func:`mltrack.trainers.loop.fault`."""
+    if epoch is not None and os.environ.get("MLTRACK_FAULT_AT") == point:
+        from mltrack.trainers.loop import fault
+
+        fault(point, epoch)
+
+
+def _fault_epoch(state: dict[str, Any]) -> int | None:
+    # The epoch a save belongs to: the one just completed, or the one a mid-epoch save interrupts.
+    progress = state.get("progress")
+    if not isinstance(progress, dict) or "epoch" not in progress:
+        return None
+    return int(progress["epoch"]) - (0 if progress.get("batch") else 1)
 
 
 def save(state: dict[str, Any], path: Path) -> str:
-    """Atomically write ``state`` to ``path`` and then its manifest ``path.sha256``; return the digest.
-
-    The previous file at ``path`` stays intact until the new one is complete on disk; the manifest is
-    written after the checkpoint, so a manifest always describes a complete file.
-    """
+    """Write ``state`` to ``path`` with the module's crash-safe protocol; return its sha256 digest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda fh: torch.save(state, fh))
-    digest = sha256_file(path)
-    manifest = path.with_name(path.name + MANIFEST_SUFFIX)
-    _atomic_write(manifest, lambda fh: fh.write(f"{digest}  {path.name}\n".encode()))
+    epoch = _fault_epoch(state)
+    tmp = _write_tmp(path, lambda fh: torch.save(state, fh), epoch)
+    try:
+        _install(tmp, path, sha256_file(tmp), epoch)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest_digests(path)[0]
+
+
+def copy_verified(src: Path, dst: Path) -> str:
+    """Make ``dst`` (+ manifest) a verified copy of ``src`` with the same protocol; return the digest.
+
+    A hard link when the filesystem allows (O(1), and immune to a later atomic replace of ``src``).
+    Raises CheckpointError if ``src`` does not verify against its manifest.
+    """
+    verify(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    try:
+        digest = sha256_file(tmp)  # what was linked/copied, not what the manifest claimed a moment ago
+        _install(tmp, dst, digest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return digest
 
 
 def clean_stale_tmp(directory: Path) -> list[Path]:
-    """Remove temp files left by a crash during a write; return what was removed."""
+    """Remove temp files left by a crash during a write; return what was removed.
+
+    Call only while no other process writes checkpoints into ``directory`` (one run, one writer).
+    """
     removed = []
     if directory.is_dir():
         for stray in directory.glob(f".*{TMP_SUFFIX}"):
@@ -87,18 +174,18 @@ def clean_stale_tmp(directory: Path) -> list[Path]:
 
 
 def verify(path: Path) -> None:
-    """Check ``path`` against its manifest; raise CheckpointError('checksum mismatch …') if it differs."""
-    manifest = path.with_name(path.name + MANIFEST_SUFFIX)
-    if not manifest.is_file():
+    """Check ``path`` against its manifest; CheckpointError('checksum mismatch …') if it differs,
+    CheckpointError('no sha256 manifest …') if there is none."""
+    expected = manifest_digests(path)
+    if not expected:
         raise CheckpointError(
-            f"no sha256 manifest next to {path} ({manifest.name}); the checkpoint may be incomplete. "
-            "Pass --no-verify only if you trust this file."
+            f"no sha256 manifest next to {path} ({path.name}{MANIFEST_SUFFIX}): the checkpoint cannot be verified "
+            "(incomplete upload, or not written by mltrack); resume from a checkpoint logged with its manifest"
         )
-    expected = manifest.read_text().split()[0]
     actual = sha256_file(path)
-    if actual != expected:
+    if actual not in expected:
         raise CheckpointError(
-            f"checksum mismatch for {path}: sha256 {actual[:12]}… but the manifest says {expected[:12]}…; "
+            f"checksum mismatch for {path}: sha256 {actual[:12]}… but the manifest says {expected[0][:12]}…; "
             "the file is corrupted or truncated (use --fallback-previous to resume from the previous verified one)"
         )
 
@@ -107,11 +194,14 @@ def load(path: Path, check_manifest: bool = True) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` only; unsafe pickles become a CheckpointError.
 
     ``weights_only=True`` is passed explicitly, which torch honours even when
-    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in the environment.
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in the environment. Order: a manifest that exists is checked
+    first (checksum mismatch); a file without one is still read weights-only, so that a hostile pickle is
+    reported as unsafe, and then refused as unverified.
     """
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if check_manifest:
+    has_manifest = bool(manifest_digests(path))
+    if check_manifest and has_manifest:
         verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -121,19 +211,21 @@ def load(path: Path, check_manifest: bool = True) -> dict[str, Any]:
             f"unsafe checkpoint {path}: it needs the global '{offending}' to load, which a weights-only load "
             "refuses; mltrack checkpoints are plain data. Do not load this file."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:300]}") from None
+    if check_manifest and not has_manifest:
+        verify(path)  # raises: no manifest
     if not isinstance(state, dict) or state.get("schema") != SCHEMA:
         raise CheckpointError(f"{path} is not an mltrack checkpoint (schema {SCHEMA} expected)")
     return state
 
 
 def _offending_global(message: str) -> str:
-    # torch's message reads "... Unsupported global: GLOBAL posix.system was not an allowed global ..."
+    # torch's message reads "... unsupported GLOBAL posix.system whose module posix is blocked ..."
     marker = "GLOBAL "
     if marker in message:
         return message.split(marker, 1)[1].split()[0]
-    return message.splitlines()[0][:200]
+    return message.strip().splitlines()[0][:200]
 
 
 # ---------------------------------------------------------------- RNG state as plain data
@@ -146,7 +238,7 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [version, list(mt), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+        "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                   int(np_state[3]), float(np_state[4])],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -156,6 +248,7 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what :func:`rng_state` captured (the loader generator only when both sides have one)."""
     torch.set_rng_state(state["torch"])
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))

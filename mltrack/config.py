@@ -9,7 +9,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,8 @@ class DataConfig(_Frozen):
     num_workers: Optional[int] = Field(None, ge=0)  # None: sized to the CPU cores
     max_image_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb limit, read from headers
     sampler: Literal["shuffle", "balanced"] = "shuffle"
+    cache: Literal["none", "ram", "gpu", "auto"] = "auto"  # decode once + batched device augmentation; auto: by device and memory
+    precrop_size: Optional[int] = Field(None, ge=1)  # cache: square side imagenet train crops come from; None: ceil(image_size*8/7)
 
 
 class ModelConfig(_Frozen):
@@ -80,6 +82,7 @@ class TrainingConfig(_Frozen):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: Optional[float] = Field(None, gt=0.0)  # global-norm clipping; None: off
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Union[Literal["none", "auto"], list[float]] = "none"  # loss weights; auto: inverse frequency
     monitor: str = "val/acc"  # metric that picks best.pt and drives early stopping
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -142,6 +145,13 @@ class RunConfig(_Frozen):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cache_with_trainer(self) -> "RunConfig":
+        if self.data.cache in ("ram", "gpu") and self.training.trainer_type == "dp":
+            raise ValueError("data.cache ram/gpu cannot be used with trainer_type dp (Opacus draws Poisson-sampled "
+                             "batches from a DataLoader); use data.cache: none or auto")
+        return self
 
 
 # ---------------------------------------------------------------- loading

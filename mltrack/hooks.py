@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from mltrack import checkpoint
 from mltrack.config import config_hash, to_dict
 from mltrack.console import get_logger, success
+from mltrack.errors import CheckpointError
 from mltrack.trainers.loop import FitContext, fault
 
 log = get_logger()
@@ -57,7 +60,13 @@ def checkpoint_state(ctx: FitContext, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class CheckpointHook(Hook):
-    """Writes ``weights/last.pt`` every epoch and ``best.pt`` on improvement, then queues their upload."""
+    """Writes ``weights/last.pt`` every epoch and ``best.pt`` on improvement, then queues their upload.
+
+    Before ``last.pt`` is replaced, the previous one becomes ``prev.pt`` (a verified hard-link copy), so
+    that a ``last.pt`` damaged in the artifact store still leaves a verified checkpoint one epoch older
+    (``--fallback-previous``). Uploads are queued best, prev, last: the store never holds a ``last.pt``
+    whose best epoch's ``best.pt`` is not there yet.
+    """
 
     def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any]) -> None:
         self.weights_dir = weights_dir
@@ -65,49 +74,91 @@ class CheckpointHook(Hook):
         self.meta = meta  # split_digest, dataset fingerprint, mlflow_run_id
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        checkpoint.clean_stale_tmp(self.weights_dir)
+        removed = checkpoint.clean_stale_tmp(self.weights_dir)
+        if removed:
+            log.warning("removed %d temp file(s) left by an interrupted checkpoint write: %s", len(removed),
+                        ", ".join(p.name for p in removed))
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process:
             return
+        improved = ctx.last is not None and ctx.last.improved
+        self._write(ctx, improved)
+        fault("after_ckpt_write", ctx.state.epoch - 1)
+        self._upload(improved)
+        if _faults_on():
+            self.tracker.flush()
+        fault("after_ckpt_upload", ctx.state.epoch - 1)
+
+    def on_interrupt(self, ctx: FitContext) -> None:
+        """A stop inside an epoch: write (and queue) a step-granular ``last.pt``. Between epochs the
+        epoch's own checkpoint is already the latest state, so nothing is written."""
+        if ctx.trainer.is_main_process and ctx.state.batch > 0:
+            self._write(ctx, improved=False)
+            self._upload(improved=False)
+            log.info("checkpoint saved at epoch %d, batch %d (global step %d)", ctx.state.epoch, ctx.state.batch,
+                     ctx.state.global_step)
+
+    def _write(self, ctx: FitContext, improved: bool) -> None:
         state = checkpoint_state(ctx, self.meta)
-        names = ["last.pt"] + (["best.pt"] if ctx.last is not None and ctx.last.improved else [])
+        last = self.weights_dir / "last.pt"
+        self.rotated = False
+        if last.is_file():
+            try:
+                checkpoint.copy_verified(last, self.weights_dir / "prev.pt")
+                self.rotated = True
+            except CheckpointError as err:  # keep the older prev.pt rather than a copy that does not verify
+                log.warning("not keeping %s as prev.pt: %s", last, err)
+        checkpoint.save(state, last)
+        if improved:
+            checkpoint.save(state, self.weights_dir / "best.pt")
+
+    def _upload(self, improved: bool) -> None:
+        if self.tracker is None:
+            return
+        names = (["best.pt"] if improved else []) + (["prev.pt"] if self.rotated else []) + ["last.pt"]
         for name in names:
-            checkpoint.save(state, self.weights_dir / name)
-        fault("after_ckpt_write")
-        if self.tracker is not None:
-            for name in names:
-                self.tracker.log_artifact(self.weights_dir / name, "weights")
-                self.tracker.log_artifact(self.weights_dir / (name + checkpoint.MANIFEST_SUFFIX), "weights")
-            if _faults_on():
-                self.tracker.flush()
-            fault("after_ckpt_upload")
+            self.tracker.log_artifact(self.weights_dir / (name + checkpoint.MANIFEST_SUFFIX), "weights")
+            self.tracker.log_artifact(self.weights_dir / name, "weights")
 
 
 class TrackingHook(Hook):
-    """Per-epoch metrics (step = epoch), stepped confusion-matrix images and the commit tag."""
+    """Per-epoch metrics (step = epoch), stepped confusion-matrix images and the commit tag.
+
+    A metric step already in the run (logged by an attempt that crashed after logging it, or by the run
+    a ``--fallback-previous`` resume went back from) is never logged again: one value per (key, step).
+    """
 
     def __init__(self, tracker: Any, confusion_every_epoch: bool) -> None:
         self.tracker = tracker
         self.confusion_every_epoch = confusion_every_epoch
+        self.logged: set[int] = set()
 
     def on_fit_start(self, ctx: FitContext) -> None:
+        if not ctx.trainer.is_main_process:
+            return
         # Resume: epochs finished before the crash whose metrics never reached the server are sent now,
         # exactly once (the checkpoint carries their values).
-        logged = self.tracker.metric_steps("train/loss")
+        self.logged = set(self.tracker.metric_steps("train/loss"))
         for row in ctx.state.history:
             step = int(row["epoch"])
-            if step not in logged:
+            if step not in self.logged:
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
+                self.logged.add(step)
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process or ctx.last is None:
             return
         step = ctx.state.epoch - 1
-        self.tracker.log_metrics(ctx.last.metrics, step=step)
+        if step in self.logged:
+            log.info("metrics of epoch %d are already in the run (an earlier attempt logged them); "
+                     "not logging them twice", step)
+        else:
+            self.tracker.log_metrics(ctx.last.metrics, step=step)
+            self.logged.add(step)
         if _faults_on():
             self.tracker.flush()
-        fault("after_metrics_log")
+        fault("after_metrics_log", step)
         if self.confusion_every_epoch:
             from mltrack.metrics import confusion_matrix_figure
 
@@ -116,7 +167,7 @@ class TrackingHook(Hook):
         self.tracker.set_tags({"mltrack.committed_step": str(step)})
         if _faults_on():
             self.tracker.flush()
-        fault("after_commit")
+        fault("after_commit", step)
 
 
 class TensorBoardHook(Hook):
@@ -167,6 +218,31 @@ class ConsoleHook(Hook):
                 ctx.state.bad_epochs >= ctx.cfg.training.early_stopping.patience:
             log.info("Early stopping: no improvement of %s for %d epochs", ctx.cfg.training.monitor,
                      ctx.state.bad_epochs)
+
+
+class Heartbeat:
+    """Sets tag ``mltrack.heartbeat`` (unix seconds) every ``interval_s`` from a daemon thread while a run
+    trains, however long an epoch is; ``mltrack reconcile`` reads it to find runs whose process died
+    (kill -9, lost machine) and are still RUNNING. Tags are queued, so an outage only delays them."""
+
+    def __init__(self, tracker: Any, interval_s: float) -> None:
+        self.tracker = tracker
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="mltrack-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tracker.set_tags({"mltrack.heartbeat": str(int(time.time()))})
+            except RuntimeError:  # the tracker finished meanwhile
+                return
+
+    def stop(self) -> None:
+        """Stop beating (before the run's final status is sent); returns once the thread has ended."""
+        self._stop.set()
+        self._thread.join()
 
 
 def write_json(path: Path, data: Any) -> Path:

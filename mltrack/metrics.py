@@ -19,9 +19,10 @@ _METRIC_KEY_BAD = re.compile(r"[^\w.\- /]")
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """int64 (num_classes, num_classes) counts, ``cm[true, pred]``, on the inputs' device.
 
-    ``preds`` holds class indices of the same shape as ``targets``, or logits with one more (last or
-    class) dimension, which are arg-maxed over dim 1. One ``bincount``, no per-sample loop. Raises
-    ValueError if a label is outside ``[0, num_classes)`` (that would silently shift counts).
+    ``preds`` holds class indices of the same shape as ``targets``, or logits with one more dimension
+    (classes on dim 1), which are arg-maxed. One ``bincount``, no per-sample loop; on a GPU the range
+    check and bincount's output sizing each read one scalar back. Raises ValueError if a label is
+    outside ``[0, num_classes)`` (it would otherwise land silently in another cell).
     """
     import torch
 
@@ -30,17 +31,18 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
     if preds.shape != targets.shape:
         raise ValueError(f"confusion_matrix: preds {tuple(preds.shape)} vs targets {tuple(targets.shape)}")
     preds, targets = preds.reshape(-1).long(), targets.reshape(-1).long()
-    if preds.numel():
-        low = torch.minimum(preds.min(), targets.min()).item()
-        high = torch.maximum(preds.max(), targets.max()).item()
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"confusion_matrix: labels must be in [0, {num_classes}), got [{low}, {high}]")
-    flat = torch.bincount(targets * num_classes + preds, minlength=num_classes * num_classes)
+    both = torch.cat((preds, targets))
+    if bool(((both < 0) | (both >= num_classes)).any()):
+        low, high = int(both.min()), int(both.max())
+        raise ValueError(f"confusion_matrix: labels must be in [0, {num_classes}), got [{low}, {high}]")
+    flat = (targets * num_classes + preds).bincount(minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     # 0/0 -> 0 (sklearn zero_division=0) without a Python branch per class.
+    import torch
+
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
 

@@ -120,7 +120,7 @@ def _define_small_cnn() -> type:
             self.dropout = nn.Dropout(dropout)
             self.fc = nn.Linear(cin, num_classes)
             for m in self.modules():
-                if isinstance(m, nn.Conv2d):  # He init suits ReLU; PyTorch's default is tuned for no activation
+                if isinstance(m, nn.Conv2d):  # He init for ReLU; PyTorch's default (a=sqrt(5)) under-scales it
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,12 +215,14 @@ def _build_pretrained(architecture: str, weights: str, image_size: int | None) -
     elif architecture == "maxvit_t":
         kwargs["input_size"] = native
     model = _resolve(MODELS[architecture])(weights=None, **kwargs)
-    state = _read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        missing, unexpected = [str(err).splitlines()[-1].strip()], []
     if missing or unexpected:
         raise CheckpointError(
-            f"cached weights {path} do not fit {architecture} ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected keys); delete the file and copy the original torchvision file there"
+            f"cached weights {path} do not fit {architecture} (missing: {missing[:3]}, unexpected: "
+            f"{unexpected[:3]}); delete the file and copy the original torchvision file there"
         )
     _drop_aux_heads(model, architecture)
     return model
@@ -360,13 +362,12 @@ def _mismatch_message(
     path: Path, architecture: str, missing: list[str], unexpected: list[str], shapes: list[str],
     state: dict[str, Any], own: dict[str, Any],
 ) -> str:
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})")
-    for key in shapes[:3]:
-        parts.append(f"{key}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}")
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+
+    parts = [f"{len(missing)} missing keys ({some(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected keys ({some(unexpected)})"] if unexpected else []
+    parts += [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:3]]
     return (
         f"weights file {path} does not fit model.architecture '{architecture}': {'; '.join(parts)}. "
         f"Use a file saved from the same architecture, or model.weights: none"

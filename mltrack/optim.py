@@ -168,19 +168,18 @@ class StepSchedule(LRSchedule):
 
 
 class CosineSchedule(LRSchedule):
-    """``cosine``, per optimizer step: linear warm-up over ``warmup_epochs`` (step i of W runs at
-    (i+1)/W of max_lr, so the last warm-up step reaches max_lr), then half a cosine from max_lr down to
-    ``min_lr``, reached exactly at the last step and held beyond it."""
+    """``cosine``, per optimizer step: linear warm-up over the W steps of ``warmup_epochs`` (step i < W
+    runs at (i+1)/(W+1) of max_lr), then half a cosine from max_lr (step W) down to ``min_lr``, reached
+    exactly at the last step and held beyond it."""
 
     kind = "cosine"
     interval = "step"
 
     def factor(self) -> float:
-        warmup = min(self.cfg.warmup_epochs * self.steps_per_epoch, self.total_steps)
+        warmup = min(self.cfg.warmup_epochs * self.steps_per_epoch, self.total_steps - 1)
         if self.steps < warmup:
-            return (self.steps + 1) / warmup
-        span = max(1, self.total_steps - 1 - warmup)
-        progress = min(1.0, (self.steps - warmup) / span)
+            return (self.steps + 1) / (warmup + 1)
+        progress = min(1.0, (self.steps - warmup) / max(1, self.total_steps - 1 - warmup))
         floor = self.cfg.min_lr / self.max_lr
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

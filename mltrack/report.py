@@ -42,7 +42,11 @@ def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any) -> dict
     best = run_dir / "weights" / "best.pt"
     model = ctx.trainer.unwrap(ctx.model)
     if best.is_file():
-        model.load_state_dict(checkpoint.load(best)["model"])
+        best_state = checkpoint.load(best)
+        model.load_state_dict(best_state["model"])
+        if best_state["progress"]["best_epoch"] != ctx.state.best_epoch:  # lineage check (see CheckpointHook)
+            log.warning("best.pt holds epoch %s but the run's best epoch is %d; reports use best.pt",
+                        best_state["progress"]["best_epoch"], ctx.state.best_epoch)
     splits = {"train": _eval_loader(ctx, "train", loaders.val), "val": ctx.loaders["val"],
               "test": ctx.loaders["test"]}
     results: dict[str, dict[str, float]] = {}
@@ -57,7 +61,8 @@ def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any) -> dict
     if not ctx.trainer.is_main_process:
         return test_metrics
     step = max(ctx.state.best_epoch, 0)
-    tracker.log_metrics(test_metrics, step=step)
+    if step not in tracker.metric_steps("test/loss"):  # a resumed FINISHED run: one value per (key, step)
+        tracker.log_metrics(test_metrics, step=step)
     summary = _summary(ctx, results)
     (run_dir / "summary.txt").write_text(summary)
     tracker.log_artifact(run_dir / "summary.txt")
@@ -66,6 +71,9 @@ def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any) -> dict
         log.info(line)
     if (run_dir / "tensorboard").is_dir():
         tracker.log_artifacts(run_dir / "tensorboard", "tensorboard")
+    from mltrack.predict import log_model_for_run  # model/: the best weights as an MLflow pyfunc (DESIGN §4)
+
+    log_model_for_run(run_dir, tracker, ctx.cfg, ctx.class_names)
     log_file = run_dir / "logs" / "train.log"
     if log_file.is_file():
         tracker.log_artifact(log_file, "logs")

@@ -11,7 +11,10 @@ from typing import Any, Optional
 
 from mltrack import checkpoint
 from mltrack.config import RunConfig, flatten, load_config
+from mltrack.console import get_logger
 from mltrack.errors import CheckpointError
+
+log = get_logger()
 
 # Keys that may differ on resume without --allow-config-change: they do not change what was learned
 # so far, only how long or how visibly training continues.
@@ -25,13 +28,19 @@ FIXED = {"model.architecture": "architecture", "model.num_classes": "class count
 
 @dataclass
 class ResumePoint:
-    uri: str
-    path: Path
+    uri: str  # what the user asked for (after resolving models:/), with " (fallback)" when it fell back
+    path: Path  # the verified local copy
     state: dict[str, Any]
     run_id: Optional[str]
     run_dir: Optional[Path] = None
     drift: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     resume_count: int = 1
+    best_path: Optional[Path] = None  # the verified best.pt stored beside the checkpoint, if any
+    fallback: Optional[str] = None  # why the previous checkpoint was used instead of the one asked for
+
+
+def _sibling(uri: str, name: str) -> str:
+    return uri.rsplit("/", 1)[0] + "/" + name if "/" in uri else name
 
 
 def _fetch(uri: str, workdir: Path) -> Path:
@@ -42,30 +51,59 @@ def _fetch(uri: str, workdir: Path) -> Path:
     if local.exists():
         return local
     path = download_artifact(uri, workdir)
+    if path.is_dir():
+        raise CheckpointError(f"{uri} is a folder, not a checkpoint file; resume from e.g. "
+                              "runs:/<run_id>/weights/last.pt")
     try:
         download_artifact(uri + checkpoint.MANIFEST_SUFFIX, path.parent)
     except CheckpointError:
-        pass  # verify() reports the missing manifest with its own message
+        pass  # load() reports the missing manifest with its own message
     return path
 
 
-def open_resume(uri: str, fallback_previous: bool = False) -> ResumePoint:
-    """Fetch, verify (sha256) and weights-only load the checkpoint at ``uri``.
+def _resolve(uri: str) -> str:
+    """``models:/<name>@<alias>`` (or ``/<version>``) -> ``runs:/<run_id>/weights/last.pt`` of the run that
+    produced that model: a registered model is resumed through its training run's last checkpoint."""
+    if not uri.startswith("models:/") or uri.endswith(".pt"):
+        return uri
+    from mltrack.tracking import model_run_id
 
-    With ``fallback_previous`` a checksum failure of ``last.pt`` falls back to the same folder's
-    ``best.pt`` when that one verifies (the newest other verified checkpoint we keep).
-    """
-    workdir = Path(tempfile.mkdtemp(prefix="mltrack-resume-"))
-    path = _fetch(uri, workdir)
+    return f"runs:/{model_run_id(uri)}/weights/last.pt"
+
+
+def _load_with_fallback(uri: str, workdir: Path, fallback_previous: bool) -> tuple[str, Path, dict[str, Any], Optional[str]]:
+    """(uri, local path, state, fallback reason) of the checkpoint to resume from."""
     try:
+        path = _fetch(uri, workdir)
+        return uri, path, checkpoint.load(path), None
+    except CheckpointError as err:
+        # Never fall back past a hostile file, nor when the run or the path does not exist at all.
+        if not fallback_previous or "unsafe checkpoint" in str(err) or "cannot download" in str(err):
+            raise
+        failure = str(err)
+    previous = _sibling(uri, "prev.pt")
+    try:
+        path = _fetch(previous, workdir / "previous")
         state = checkpoint.load(path)
     except CheckpointError as err:
-        if not (fallback_previous and "checksum mismatch" in str(err)):
-            raise
-        previous = _fetch(uri.rsplit("/", 1)[0] + "/best.pt", workdir / "previous")
-        state = checkpoint.load(previous)
-        uri, path = uri.rsplit("/", 1)[0] + "/best.pt (fallback)", previous
-    point = ResumePoint(uri, path, state, state.get("mlflow_run_id"))
+        raise CheckpointError(f"{failure}; the previous checkpoint {previous} cannot be used either: {err}") from None
+    reason = (f"{uri} failed verification ({failure.split(':')[0]}); resumed from {previous} "
+              f"(epoch {state['progress']['epoch']})")
+    return f"{previous} (fallback)", path, state, reason
+
+
+def open_resume(uri: str, fallback_previous: bool = False) -> ResumePoint:
+    """Fetch, verify (sha256) and weights-only load the checkpoint at ``uri``; nothing in MLflow changes.
+
+    ``uri``: a local path, ``runs:/…``, ``mlflow-artifacts:/…`` or ``models:/<name>@<alias>`` (the model's
+    training run's ``weights/last.pt``). With ``fallback_previous``, a checkpoint that fails verification
+    (checksum mismatch, truncated, no manifest) is replaced by ``prev.pt`` beside it (the previous epoch's
+    ``last.pt``) when that one verifies; an unsafe (hostile) file is never fallen back from.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="mltrack-resume-"))
+    uri, path, state, reason = _load_with_fallback(_resolve(uri), workdir, fallback_previous)
+    point = ResumePoint(uri, path, state, state.get("mlflow_run_id"), fallback=reason)
+    point.best_path = _fetch_best(uri.removesuffix(" (fallback)"), workdir / "best")
     if point.run_id:
         from mltrack.tracking import run_info
 
@@ -75,6 +113,43 @@ def open_resume(uri: str, fallback_previous: bool = False) -> ResumePoint:
         point.resume_count = int(info["tags"].get("mltrack.resume_count", "0")) + 1
         point.state["_run_status"] = info["status"]
     return point
+
+
+def _fetch_best(uri: str, workdir: Path) -> Optional[Path]:
+    """The verified ``best.pt`` beside ``uri``, or None when there is none (or it does not verify)."""
+    best = _sibling(uri, "best.pt")
+    if best == uri:
+        return None
+    try:
+        path = _fetch(best, workdir)
+        checkpoint.verify(path)
+        return path
+    except CheckpointError as err:
+        log.warning("no usable best.pt beside %s (%s); best.pt will be the next improvement", uri, err)
+        return None
+
+
+def install_weights(point: ResumePoint, weights_dir: Path) -> list[str]:
+    """Make ``weights_dir`` hold the resumed lineage: ``last.pt`` = the checkpoint resumed from, ``best.pt``
+    = the one stored beside it (removed when there is none). Returns the file names installed.
+
+    Needed when the checkpoint came from the artifact store: the local folder may hold files of an attempt
+    that died before uploading them (e.g. a ``best.pt`` of an epoch that will now be trained again).
+    """
+    last = weights_dir / "last.pt"
+    if last.exists() and point.path.resolve() == last.resolve():
+        return []  # resuming the local last.pt itself: the folder already is the lineage
+    installed = ["last.pt"]
+    checkpoint.copy_verified(point.path, last)
+    best = weights_dir / "best.pt"
+    if point.best_path is not None:
+        if not (best.exists() and point.best_path.resolve() == best.resolve()):
+            checkpoint.copy_verified(point.best_path, best)
+        installed.insert(0, "best.pt")
+    else:
+        best.unlink(missing_ok=True)
+        checkpoint.manifest_path(best).unlink(missing_ok=True)
+    return installed
 
 
 def resume_config(point: ResumePoint, overrides: list[str] | tuple[str, ...], cli: dict[str, Any],

@@ -1,19 +1,25 @@
 """The composition root: RunConfig -> data, model, optimizer, trainer, hooks -> fit -> test evaluation.
 
-Everything a user can get wrong is checked before the MLflow run is created, so bad input never
-leaves a run behind. Once the run exists, every exit path sets its status: FINISHED, FAILED (with
-``mltrack.exit_reason``) or KILLED (SIGTERM/SIGINT, after the last completed epoch's checkpoint).
+Everything a user can get wrong is checked before the MLflow run is created (a resumed checkpoint is
+even loaded into the built model first), so bad input never leaves a run behind or changes one. Once
+the run exists, every exit path sets its status: FINISHED; FAILED with ``mltrack.exit_reason`` (an
+exception, SystemExit); KILLED (SIGTERM/SIGINT: after the current optimizer step, with a checkpoint of
+exactly that position, uploaded). Only ``kill -9`` leaves it RUNNING: a resume continues it, and
+``mltrack reconcile`` marks it KILLED once its ``mltrack.heartbeat`` tag is stale or its process is gone.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
 import signal
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -23,10 +29,11 @@ from mltrack.config import RunConfig, to_yaml
 from mltrack.console import get_logger, setup_logging, success
 from mltrack.errors import DataError, UserError
 from mltrack.resume import ResumePoint, check_compatible
-from mltrack.trainers.loop import FitContext, FitState, Interrupted, NonFiniteLossError, fit
+from mltrack.trainers.loop import FitContext, FitState, Interrupted, NonFiniteLossError, StopTraining, fit
 
 log = get_logger()
-EXIT_KILLED = {"SIGTERM": 143, "SIGINT": 130}
+EXIT_KILLED = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, what shells report
+KILLED_FLUSH_S = 20.0  # a stopped run waits at most this long for its checkpoint upload (exit within 30 s)
 
 
 @dataclass
@@ -100,8 +107,10 @@ def run_name(cfg: RunConfig, explicit: dict[str, Any] | None = None) -> str:
     """``<dataset>_<explicit overrides or base>_fold_<k>``, as the guide's run folders are named."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
+    # Only keys that change what is learned name the run; where or how visibly it runs does not.
+    skip = ("data.fold", "data.data_dir", "data.num_workers", "training.device", "tracking.")
     parts = [f"{k.split('.')[-1].replace('num_', '').replace('_size', '')}_{v}" for k, v in (explicit or {}).items()
-             if k not in ("data.fold", "data.data_dir")]
+             if not k.startswith(skip)]
     middle = "_".join(parts) if parts else "base"
     return re.sub(r"[^\w.\-]", "_", f"{cfg.data.dataset_name}_{middle}_fold_{cfg.data.fold}")
 
@@ -130,14 +139,32 @@ class Session:
     class_names: list[str]
     split_digest: str
     resume: Optional[ResumePoint]
+    new_run: bool = True  # False: the resumed run itself was re-opened (params already logged)
+
+
+@dataclass
+class Built:
+    """Everything ``fit`` needs, built (and restored from a checkpoint) before any run is opened, so a
+    checkpoint that does not fit the model fails without touching MLflow."""
+
+    ctx: FitContext
+    loaders: Any
+    trainer: Any
 
 
 def train(cfg: RunConfig, resume: Optional[ResumePoint] = None, *, explicit: dict[str, Any] | None = None,
           parent_run_id: str | None = None, role: str = "train", extra_tags: dict[str, str] | None = None,
-          epoch_callback: Any = None) -> TrainResult:
+          epoch_callback: Any = None, on_start: Optional[Callable[[str], None]] = None) -> TrainResult:
     """Train one (config, fold) as one MLflow run; see the module docstring for the exit-path contract.
 
     ``epoch_callback(ctx)`` is called after each epoch's hooks (Optuna reporting/pruning uses it).
+    ``on_start(run_id)`` is called once the MLflow run is open, before training starts (an Optuna
+    trial records the id at once, so a crash in the first epoch still leaves it findable).
+    With ``resume``, the checkpoint's run is re-opened and continued, unless ``MLFLOW_RUN_ID`` names
+    another run (``mlflow run -P resume=…`` without ``--run-id``): that run then receives the whole
+    history, params and weights, and tag ``mltrack.resumed_from``.
+    SIGTERM/SIGINT: the current optimizer step completes, a checkpoint is written and uploaded, the run
+    is marked KILLED and SystemExit(143/130) is raised.
     """
     device = resolve_device(cfg.training.device)
     names, digest = prepare_data(cfg)
@@ -147,30 +174,79 @@ def train(cfg: RunConfig, resume: Optional[ResumePoint] = None, *, explicit: dic
     preflight_weights(cfg.model)
     if resume is not None:
         check_compatible(resume, cfg, names, digest)
-    session = _open_session(cfg, device, names, digest, resume, explicit, parent_run_id, role, extra_tags)
     previous = _install_signal_handlers()
+    try:
+        same_run = resume is not None and resume.run_id is not None and \
+            os.environ.get("MLFLOW_RUN_ID", resume.run_id) == resume.run_id
+        run_dir = _run_dir(cfg, resume, explicit, same_run)
+        setup_logging(run_dir / "logs" / "train.log")
+        built = _build(cfg, device, names)
+        if resume is not None:
+            _restore(built.ctx, resume, built.loaders.generator)
+        _exit_if_stop_requested()
+        rng = checkpoint.rng_state()  # opening the run must not move any RNG the training draws from
+        session = _open_session(cfg, run_dir, device, names, digest, resume, same_run, parent_run_id, role,
+                                extra_tags)
+        checkpoint.set_rng_state(rng)
+        return _run_session(session, built, epoch_callback, on_start)
+    finally:
+        _restore_signal_handlers(previous)
+
+
+def _run_session(s: Session, built: Built, epoch_callback: Any, on_start: Any) -> TrainResult:
+    """Train inside the open run and give it its final status on every exit path."""
+    from mltrack.hooks import Heartbeat
+    from mltrack.trainers import loop
+
+    heartbeat = Heartbeat(s.tracker, float(os.environ.get("MLTRACK_HEARTBEAT_S", "30")))
     status, reason = "FAILED", "exception"
     try:
-        result = _train_in_session(session, epoch_callback)
+        if on_start is not None:
+            on_start(s.tracker.run_id)
+        result = _train_in_session(s, built, epoch_callback)
         status, reason = "FINISHED", None
         return result
     except Interrupted as stop:
         status, reason = "KILLED", stop.signal_name
-        log.warning("%s received: stopped after the last completed epoch; resume with "
-                    "mltrack train --resume runs:/%s/weights/last.pt", stop.signal_name, session.tracker.run_id)
+        log.warning("%s received: stopped at epoch %d, batch %d with a checkpoint; resume with "
+                    "mltrack train --resume runs:/%s/weights/last.pt", stop.signal_name, built.ctx.state.epoch,
+                    built.ctx.state.batch, s.tracker.run_id)
         raise SystemExit(EXIT_KILLED.get(stop.signal_name, 143)) from None
+    except StopTraining as stop:
+        status, reason = stop.status, stop.reason
+        raise
     except NonFiniteLossError:
         reason = "nonfinite_loss"
         raise
-    except UserError as err:
-        reason = f"user_error: {str(err)[:200]}"
-        raise
     except BaseException as err:  # noqa: BLE001 - the status must be set for SystemExit too
-        reason = f"{type(err).__name__}: {str(err)[:200]}"
+        status, reason = _failure_status(err, loop.STOP_REQUESTED)
         raise
     finally:
-        _restore_signal_handlers(previous)
-        session.tracker.finish(status, reason)
+        heartbeat.stop()
+        # A stopped run has ~30 s before a scheduler's SIGKILL: bounded upload wait, the rest stays spooled.
+        limit = KILLED_FLUSH_S if status == "KILLED" else float(os.environ.get("MLTRACK_FINISH_TIMEOUT_S", "60"))
+        s.tracker.finish(status, reason, timeout=limit)
+
+
+def _failure_status(err: BaseException, stop_requested: Optional[str]) -> tuple[str, str]:
+    """(status, exit_reason) for an exception that ended a run."""
+    if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C (the first one asks for a clean stop)
+        return "KILLED", f"{stop_requested or 'SIGINT'} (forced)"
+    if stop_requested:  # e.g. DataLoader workers killed by the same Ctrl-C: the user asked to stop
+        return "KILLED", f"{stop_requested} ({type(err).__name__}: {str(err)[:150]})"
+    if isinstance(err, UserError):
+        return "FAILED", f"user_error: {str(err)[:200]}"
+    if isinstance(err, SystemExit):
+        return "FAILED", f"SystemExit({err.code!r})"
+    return "FAILED", f"{type(err).__name__}: {str(err)[:200]}"
+
+
+def _exit_if_stop_requested() -> None:
+    from mltrack.trainers import loop
+
+    if loop.STOP_REQUESTED:  # asked to stop before any run exists: leave nothing behind
+        log.warning("%s received before training started; no run was created", loop.STOP_REQUESTED)
+        raise SystemExit(EXIT_KILLED.get(loop.STOP_REQUESTED, 143))
 
 
 def _with_num_classes(cfg: RunConfig, n: int) -> RunConfig:
@@ -179,73 +255,107 @@ def _with_num_classes(cfg: RunConfig, n: int) -> RunConfig:
     return cfg if cfg.model.num_classes == n else replace(cfg, **{"model.num_classes": n})
 
 
-def _open_session(cfg: RunConfig, device: torch.device, names: list[str], digest: str,
-                  resume: Optional[ResumePoint], explicit: dict[str, Any] | None, parent_run_id: str | None,
-                  role: str, extra_tags: dict[str, str] | None) -> Session:
+def _run_dir(cfg: RunConfig, resume: Optional[ResumePoint], explicit: dict[str, Any] | None,
+             same_run: bool) -> Path:
+    if same_run and resume is not None and resume.run_dir is not None and resume.run_dir.is_dir():
+        return resume.run_dir  # continue the same local folder
+    return unique_dir(Path(cfg.tracking.runs_dir), run_name(cfg, explicit))
+
+
+def _open_session(cfg: RunConfig, run_dir: Path, device: torch.device, names: list[str], digest: str,
+                  resume: Optional[ResumePoint], same_run: bool, parent_run_id: str | None, role: str,
+                  extra_tags: dict[str, str] | None) -> Session:
     from mltrack.tracking import Tracker
 
-    name = run_name(cfg, explicit)
-    if resume is not None and resume.run_dir is not None and resume.run_dir.is_dir():
-        run_dir = resume.run_dir  # continue the same local folder
-    else:
-        run_dir = unique_dir(Path(cfg.tracking.runs_dir), name)
-    setup_logging(run_dir / "logs" / "train.log")
     tags = {
         "mltrack.role": role, "mltrack.fold": str(cfg.data.fold), "mltrack.trainer_type": cfg.training.trainer_type,
         "mltrack.dataset": cfg.data.dataset_name, "mltrack.split_digest": digest,
-        "mltrack.run_dir": str(run_dir.resolve()), **(extra_tags or {}),
+        "mltrack.run_dir": str(run_dir.resolve()), "mltrack.host": socket.gethostname(),
+        "mltrack.pid": str(os.getpid()), "mltrack.heartbeat": str(int(time.time())), **(extra_tags or {}),
     }
     if resume is not None:
         tags["mltrack.resumed_from"] = resume.uri
+        if resume.fallback:
+            tags["mltrack.resume_fallback"] = resume.fallback
     tracker = Tracker.start(
         cfg.tracking.experiment_name or cfg.data.dataset_name, run_dir.name, tags,
-        resume_run_id=resume.run_id if resume is not None else None, parent_run_id=parent_run_id,
+        resume_run_id=resume.run_id if same_run and resume is not None else None, parent_run_id=parent_run_id,
         spool_dir=run_dir / "spool",
     )
-    return Session(cfg, run_dir, tracker, device, names, digest, resume)
+    return Session(cfg, run_dir, tracker, device, names, digest, resume, new_run=not same_run)
 
 
-def _train_in_session(s: Session, epoch_callback: Any) -> TrainResult:
+def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Built:
     from mltrack.data.loaders import build_loaders
-    from mltrack.hooks import CheckpointHook, ConsoleHook, TensorBoardHook, TrackingHook
     from mltrack.models import build_model
     from mltrack.optim import build_optimizer, build_scheduler
     from mltrack.trainers import build_trainer
 
-    cfg, tracker = s.cfg, s.tracker
     seed_everything(cfg.training.seed, cfg.training.deterministic)
-    log.info("Using fold: %d  device: %s  trainer: %s", cfg.data.fold, s.device, cfg.training.trainer_type)
+    log.info("Using fold: %d  device: %s  trainer: %s", cfg.data.fold, device, cfg.training.trainer_type)
     loaders = build_loaders(cfg.data, cfg.training.batch_size, cfg.training.seed, cfg.training.deterministic,
-                            s.device.type)
+                            device.type)
     log.info("Dataset sizes: %s", loaders.sizes)
-    trainer = build_trainer(cfg.training, s.device)
-    model = build_model(cfg.model, len(s.class_names))
+    trainer = build_trainer(cfg.training, device)
+    model = build_model(cfg.model, len(class_names))
     optimizer = build_optimizer(cfg.optimizer, model)  # the module: decay is skipped for biases and norms
     model, optimizer, loader_map = trainer.prepare(
         model, optimizer, {"train": loaders.train, "val": loaders.val, "test": loaders.test})
     steps = max(1, -(-len(loader_map["train"]) // cfg.training.gradient_accumulation_steps))
     schedule = build_scheduler(cfg.scheduler, optimizer, cfg.training.num_epochs, steps, cfg.optimizer.lr)
-    ctx = FitContext(cfg, trainer.compile(model), optimizer, schedule, trainer, loader_map,
-                     torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing), s.class_names,
+    weights = class_weights(cfg, loaders.datasets["train"].targets, len(class_names)).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.training.label_smoothing)
+    ctx = FitContext(cfg, trainer.compile(model), optimizer, schedule, trainer, loader_map, loss_fn, class_names,
                      progress=_progress_factory(cfg))
-    _log_run_inputs(s, trainer, loaders.sizes)
-    if s.resume is not None:
-        _restore(ctx, s.resume, loaders.generator)
+    return Built(ctx, loaders, trainer)
+
+
+def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainResult:
+    from mltrack.hooks import CheckpointHook, ConsoleHook, TensorBoardHook, TrackingHook
+    from mltrack.resume import install_weights
+
+    cfg, tracker, ctx, trainer = s.cfg, s.tracker, built.ctx, built.trainer
+    _log_run_inputs(s, trainer, built.loaders.sizes)
+    if s.resume is not None and trainer.is_main_process:
+        uploaded = install_weights(s.resume, s.run_dir / "weights")
+        if s.new_run:  # the new run must hold the weights its history refers to
+            for name in uploaded:
+                tracker.log_artifact(s.run_dir / "weights" / (name + checkpoint.MANIFEST_SUFFIX), "weights")
+                tracker.log_artifact(s.run_dir / "weights" / name, "weights")
     if trainer.is_main_process:
         log.info("Starting Training (epochs %d..%d)", ctx.state.epoch, cfg.training.num_epochs - 1)
     meta = {"split_digest": s.split_digest, "dataset_fingerprint": s.split_digest, "mlflow_run_id": tracker.run_id}
-    hooks = [CheckpointHook(s.run_dir / "weights", tracker, meta), TrackingHook(tracker, cfg.tracking.confusion_every_epoch)]
+    ckpt_hook = CheckpointHook(s.run_dir / "weights", tracker, meta)
+    hooks = [ckpt_hook, TrackingHook(tracker, cfg.tracking.confusion_every_epoch)]
     if cfg.tracking.tensorboard:
         hooks.append(TensorBoardHook(s.run_dir / "tensorboard"))
     hooks.append(ConsoleHook())
     if epoch_callback is not None:
         hooks.append(_CallbackHook(epoch_callback))
-    fit(ctx, hooks)
+    try:
+        fit(ctx, hooks)
+    except Interrupted:
+        ckpt_hook.on_interrupt(ctx)  # inside an epoch: a step-granular last.pt, uploaded before KILLED
+        raise
     from mltrack.report import finalize
 
-    test_metrics = finalize(ctx, s.run_dir, tracker, loaders)
+    test_metrics = finalize(ctx, s.run_dir, tracker, built.loaders)
     trainer.end()
     return TrainResult(tracker.run_id, s.run_dir, ctx.state.best_epoch, ctx.state.best_metric, test_metrics)
+
+
+def class_weights(cfg: RunConfig, targets: list[int], n_classes: int) -> torch.Tensor:
+    """Cross-entropy class weights: ones, inverse train frequency (mean 1), or the configured list."""
+    spec = cfg.training.class_weights
+    if spec == "none":
+        return torch.ones(n_classes)
+    if spec == "auto":
+        counts = torch.bincount(torch.tensor(targets), minlength=n_classes).double().clamp(min=1)
+        inv = counts.sum() / (n_classes * counts)  # a balanced set gives all ones
+        return inv.float()
+    if len(spec) != n_classes:
+        raise UserError(f"training.class_weights has {len(spec)} values but the dataset has {n_classes} classes")
+    return torch.tensor(spec, dtype=torch.float32)
 
 
 class _CallbackHook:
@@ -278,7 +388,7 @@ def _log_run_inputs(s: Session, trainer: Any, sizes: dict[str, int]) -> None:
     from mltrack.hooks import write_json
 
     cfg, tracker, run_dir = s.cfg, s.tracker, s.run_dir
-    if s.resume is None:
+    if s.new_run:
         params = {**flatten(cfg), **{f"data.size.{k}": v for k, v in sizes.items()}, **trainer.extra_params()}
         tracker.log_params(params)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -291,7 +401,7 @@ def _log_run_inputs(s: Session, trainer: Any, sizes: dict[str, int]) -> None:
         for name in (f"fold_{cfg.data.fold}_train.txt", f"fold_{cfg.data.fold}_val.txt", "test.txt"):
             shutil.copyfile(splits / name, target / name)
         tracker.log_artifacts(target, "splits")
-    elif s.resume.drift:
+    if s.resume is not None and s.resume.drift and not s.new_run:
         n = s.resume.resume_count
         path = run_dir / "config" / f"resume_{n}.yaml"
         path.parent.mkdir(exist_ok=True)
@@ -302,6 +412,7 @@ def _log_run_inputs(s: Session, trainer: Any, sizes: dict[str, int]) -> None:
 
 
 def _restore(ctx: FitContext, point: ResumePoint, generator: torch.Generator) -> None:
+    """Model, optimizer, schedule, trainer (scaler / DP accountant), progress and every RNG, exactly."""
     state = point.state
     ctx.trainer.unwrap(ctx.model).load_state_dict(state["model"])  # strict: shapes were checked
     ctx.optimizer.load_state_dict(state["optimizer"])
@@ -309,19 +420,23 @@ def _restore(ctx: FitContext, point: ResumePoint, generator: torch.Generator) ->
     ctx.trainer.load_state_dict(state["trainer"])
     ctx.state = FitState.from_dict(state["progress"])
     checkpoint.set_rng_state(state["rng"], generator)
-    log.info("Resumed from %s at epoch %d (global step %d)", point.uri, ctx.state.epoch, ctx.state.global_step)
+    where = f", batch {ctx.state.batch}" if ctx.state.batch else ""
+    log.info("Resumed from %s at epoch %d%s (global step %d)", point.uri, ctx.state.epoch, where,
+             ctx.state.global_step)
 
 
 # ---------------------------------------------------------------- signals
 
 
 def _install_signal_handlers() -> dict[int, Any]:
-    """SIGTERM/SIGINT ask the loop to stop at the next batch boundary (the current step completes)."""
+    """SIGTERM/SIGINT ask the loop to stop after the current optimizer step; a second one forces it."""
     from mltrack.trainers import loop
 
     previous: dict[int, Any] = {}
 
     def request_stop(signum: int, _frame: Any) -> None:
+        if loop.STOP_REQUESTED:  # asked twice: the user does not want to wait for the step to finish
+            raise KeyboardInterrupt
         loop.STOP_REQUESTED = signal.Signals(signum).name
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow.artifacts
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -29,7 +29,8 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from mltrack._spool import Delivery, Op, SpoolFile, check_key, chunks, first_line, group, link_or_copy
+from mltrack._spool import (Delivery, Op, SpoolFile, check_key, chunks, first_line, group, link_or_copy,
+                            quiet_worker_retries)
 from mltrack.errors import CheckpointError, ConfigError, UserError
 
 log = logging.getLogger("mltrack.tracking")
@@ -70,6 +71,7 @@ class Tracker:
         self._client = client
         self._params: dict[str, str] = dict(run.data.params)  # what the run holds: immutability check
         self._steps: dict[str, set[int]] = {}  # steps queued by this process, per metric key
+        self._spool_dir = spool_dir
         self._stage_root = spool_dir / f"{self.run_id}.stage"
         self._finished = False
         spool = SpoolFile(spool_file_for(spool_dir, self.run_id), {"run_id": self.run_id, "tracking_uri": uri})
@@ -87,6 +89,7 @@ class Tracker:
         tracking store cannot be reached, CheckpointError for an unknown ``resume_run_id``.
         """
         _fast_fail_http_defaults()
+        quiet_worker_retries()
         uri = tracking_uri()
         client = MlflowClient(tracking_uri=uri)
         spool_dir = Path(spool_dir) if spool_dir is not None else Path.cwd() / DEFAULT_SPOOL_DIR
@@ -94,9 +97,10 @@ class Tracker:
         try:
             run = _open_run(client, experiment, run_name, all_tags, resume_run_id)
             leftover = spool_file_for(spool_dir, run.info.run_id)
-            if leftover.exists():
+            if leftover.exists():  # before re-opening: it may end with the earlier process's status
                 log.warning("tracking: replaying %s left by an earlier process", leftover)
                 replay_spool(leftover, uri)
+                run = client.get_run(run.info.run_id)
             if run.info.status != "RUNNING":
                 client.update_run(run.info.run_id, status="RUNNING")
             _log_tags_now(client, run.info.run_id, all_tags)
@@ -161,8 +165,10 @@ class Tracker:
             return
         if not src.is_file():
             raise FileNotFoundError(f"cannot log artifact: {src} does not exist")
-        self._delivery.put([{"op": "artifact", "path": str(src), "artifact_path": artifact_path,
-                             "cleanup": False}])
+        staged = self._stage_dir() / src.name
+        link_or_copy(src, staged)
+        self._delivery.put([{"op": "artifact", "path": str(staged), "artifact_path": artifact_path,
+                             "cleanup": True}])
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         """Queue an upload of the directory's contents as they are now (snapshot by hard links)."""
@@ -222,6 +228,10 @@ class Tracker:
         self._delivery.put(ops)
         if self._delivery.close(timeout):
             shutil.rmtree(self._stage_root, ignore_errors=True)
+            try:
+                self._spool_dir.rmdir()  # only if empty: other runs' spools stay
+            except OSError:
+                pass
             return
         spool = self._delivery.spool_path
         log.warning("tracking offline (%s): %d operations of run %s (status %s included) are left in %s; "
@@ -330,6 +340,141 @@ def set_run_status(run_id: str, status: str, reason: str | None = None) -> None:
         client.set_terminated(run_id, status)
 
 
+def running_runs(experiment_names: list[str] | None = None) -> list[dict[str, Any]]:
+    """:func:`run_info` of every RUNNING run that carries an ``mltrack.role`` tag (mltrack's own runs), in
+    the named experiments or in all active ones (for ``mltrack reconcile``)."""
+    _fast_fail_http_defaults()
+    client = MlflowClient(tracking_uri=tracking_uri())
+    if experiment_names:
+        exps = [client.get_experiment_by_name(n) for n in experiment_names]
+        missing = [n for n, e in zip(experiment_names, exps) if e is None]
+        if missing:
+            raise UserError(f"no MLflow experiment named {', '.join(missing)} at {tracking_uri()}")
+        ids = [e.experiment_id for e in exps if e is not None]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=5000) if ids else []
+    return [run_info(r.info.run_id) for r in runs if "mltrack.role" in r.data.tags]
+
+
+def model_run_id(models_uri: str) -> str:
+    """The run that produced the model version a ``models:/<name>@<alias>`` (or ``/<version>``) URI names.
+    CheckpointError if the URI names no version or the version has no run."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    _fast_fail_http_defaults()
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    try:
+        name, version = get_model_name_and_version(client, models_uri)
+        run_id = client.get_model_version(name, version).run_id
+    except MlflowException as exc:
+        raise CheckpointError(f"cannot resolve {models_uri}: {first_line(exc)}") from None
+    if not run_id:
+        raise CheckpointError(f"{models_uri} (model {name} version {version}) was registered without a run; "
+                              "resume from runs:/<run_id>/weights/last.pt instead")
+    return run_id
+
+
+# ---------------------------------------------------------------- reads, eval logging, models, registry
+
+
+def child_runs(parent_run_id: str) -> list[dict[str, Any]]:
+    """:func:`run_info` of every run whose ``mlflow.parentRunId`` is ``parent_run_id``, oldest first."""
+    _fast_fail_http_defaults()
+    client = MlflowClient(tracking_uri=tracking_uri())
+    parent = _get_run(client, parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=5000)
+    return [run_info(r.info.run_id) for r in runs]
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of every metric of the run (MLflow's "latest": highest step, then newest)."""
+    _fast_fail_http_defaults()
+    return dict(_get_run(MlflowClient(tracking_uri=tracking_uri()), run_id).data.metrics)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` pairs of one metric, in logging order."""
+    _fast_fail_http_defaults()
+    client = MlflowClient(tracking_uri=tracking_uri())
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def log_to_run(run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None,
+               artifacts: list[tuple[Path, str | None]] = ()) -> None:
+    """Synchronously add metrics (at ``step``), tags and artifacts ``(local file or dir, artifact dir)`` to an
+    existing run *without* changing its status, end time or params (evaluation of a finished run)."""
+    _fast_fail_http_defaults()
+    client = MlflowClient(tracking_uri=tracking_uri())
+    _get_run(client, run_id)
+    ts = int(time.time() * 1000)
+    for chunk in chunks(metrics, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step)) for k, v in chunk.items()],
+                         synchronous=True)
+    if tags:
+        _log_tags_now(client, run_id, tags)
+    for path, artifact_path in artifacts:
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            client.log_artifact(run_id, str(path), artifact_path)
+
+
+def save_pyfunc_model(path: Path, data_dir: Path, input_example: Any, input_column: str,
+                      output_columns: list[tuple[str, str]], code_dir: Path | None,
+                      requirements: list[str]) -> Path:
+    """Write an MLflow pyfunc model directory at ``path`` (must not exist) served by ``mltrack.serving``.
+
+    ``data_dir`` is copied to ``<path>/data/<its name>`` and handed to ``mltrack.serving._load_pyfunc``;
+    ``code_dir`` (the ``mltrack`` package) is copied into the model so that it loads where mltrack is not
+    installed. Signature: one string input column, ``output_columns`` as ``(name, mlflow type)``, and the
+    params ``tta`` (boolean) and ``batch_size`` (long). No model is executed here.
+    """
+    import mlflow.pyfunc
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", input_column)]),
+        outputs=Schema([ColSpec(kind, name) for name, kind in output_columns]),
+        params=ParamSchema([ParamSpec("tta", "boolean", False), ParamSpec("batch_size", "long", 64)]))
+    mlflow.pyfunc.save_model(
+        str(path), loader_module="mltrack.serving", data_path=str(data_dir),
+        code_paths=[str(code_dir)] if code_dir is not None else None, signature=signature,
+        input_example=input_example, pip_requirements=requirements)
+    return Path(path)
+
+
+def register_model(run_id: str, name: str, alias: str, artifact_path: str = "model",
+                   tags: dict[str, str] | None = None) -> dict[str, str]:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of model ``name`` and point ``alias``
+    at it (registry aliases; stages are deprecated). The registered model is created if missing.
+
+    Returns ``{"name", "version", "alias", "uri": "models:/<name>@<alias>", "source"}``. UserError if the
+    run holds no MLflow model at ``artifact_path``.
+    """
+    _fast_fail_http_defaults()
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    run = _get_run(client, run_id)
+    listed = {f.path for f in client.list_artifacts(run_id, artifact_path)}
+    if f"{artifact_path}/MLmodel" not in listed:
+        raise UserError(f"run {run_id} has no MLflow model at '{artifact_path}/' (no MLmodel file); register a "
+                        "training or cv run that finished, or log its model first")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise UserError(f"cannot create registered model '{name}': {first_line(exc)}") from None
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": str(version.version), "alias": alias, "uri": f"models:/{name}@{alias}",
+            "source": source}
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -394,7 +539,8 @@ def _open_run(client: MlflowClient, experiment: str, run_name: str, tags: dict[s
               resume_run_id: str | None) -> Run:
     if resume_run_id:
         return _get_run(client, resume_run_id)
-    attach = os.environ.get("MLFLOW_RUN_ID")
+    # A child (cv fold, trial) is never the run `mlflow run` created: that one is its parent.
+    attach = None if PARENT_TAG in tags else os.environ.get("MLFLOW_RUN_ID")
     if attach:  # inside `mlflow run`: the run exists, named by --run-name; never create a second one
         try:
             return client.get_run(attach)

@@ -46,16 +46,34 @@ def demo_data(directory: Path) -> None:
     is_flag=True,
     help="Keep classes with fewer images than folds (they appear in every fold's train set).",
 )
+@click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+              help="Decompression-bomb limit used by the dataset check that runs first.")
 def split(
-    raw_data: Path, folds: int, out: Path | None, test_fraction: float, seed: int, allow_small_classes: bool
+    raw_data: Path, folds: int, out: Path | None, test_fraction: float, seed: int, allow_small_classes: bool,
+    max_pixels: int,
 ) -> None:
-    """Write stratified k-fold index files (fold_<k>_train/val.txt) and one shared test.txt."""
+    """Write stratified k-fold index files (fold_<k>_train/val.txt) and one shared test.txt.
+
+    The dataset check (``mltrack check``) runs first: bad files stop the split (exit 2) unless they are
+    quarantined; afterwards the written files are checked for leakage and near-duplicates across splits.
+    """
     from mltrack.console import success
+    from mltrack.data.checks import check_dataset, failure_message, warning_lines
     from mltrack.data.splits import make_splits
+    from mltrack.errors import DataError
 
     out_dir = out if out is not None else raw_data.parent / "splits"
+    before = check_dataset(raw_data, None, max_pixels)
+    if not before.ok:
+        raise DataError(failure_message(before))
+    shown = warning_lines(before)
     summary = make_splits(raw_data, out_dir, folds, test_fraction, seed, allow_small_classes)
+    after = check_dataset(raw_data, out_dir, max_pixels)  # stats only: the manifest is fresh
+    if not after.ok:
+        raise DataError(failure_message(after))
     click.echo(format_split_summary(summary))
+    for line in shown + [w for w in warning_lines(after) if w not in shown]:
+        click.echo(f"warning: {line}")
     success(f"{summary.folds} folds written to {out_dir}")
 
 

@@ -23,7 +23,17 @@ from mltrack.errors import UserError, user_message
 COMMANDS: dict[str, str] = {
     "demo-data": "mltrack.cli.data:demo_data",
     "split": "mltrack.cli.data:split",
+    "check": "mltrack.cli.check:check",
     "train": "mltrack.cli.train:train",
+    "cv": "mltrack.cli.cv:cv",
+    "evaluate": "mltrack.cli.evaluate:evaluate",
+    "predict": "mltrack.cli.predict:predict",
+    "register": "mltrack.cli.register:register",
+    "export": "mltrack.cli.export:export",
+    "lr-find": "mltrack.cli.lr_find:lr_find",
+    "search": "mltrack.cli.search:search",
+    "sync": "mltrack.cli.sync:sync",
+    "reconcile": "mltrack.cli.sync:reconcile",
 }
 
 EXIT_USER_ERROR = 2  # same code click uses for usage errors

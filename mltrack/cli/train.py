@@ -49,7 +49,8 @@ def collect_overrides(overrides: str | None, sets: tuple[str, ...]) -> list[str]
 @click.option("--architecture", type=str, default=None, help="model.architecture (a MODELS registry name)")
 @click.option("--run-name", type=str, default=None, help="tracking.run_name")
 @click.option("--resume", type=str, default=None,
-              help="Checkpoint to resume: a local path or an MLflow URI such as runs:/<run_id>/weights/last.pt")
+              help="Checkpoint to resume into its own run: a local path, runs:/<run_id>/weights/last.pt, "
+                   "mlflow-artifacts:/… or models:/<name>@<alias> (that model's training run).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key (dotted, value read as YAML); repeatable.")
 @click.option("--overrides", type=str, default=None, metavar='"K=V K2=V2"',
@@ -57,7 +58,8 @@ def collect_overrides(overrides: str | None, sets: tuple[str, ...]) -> list[str]
 @click.option("--allow-config-change", is_flag=True,
               help="On resume, accept config changes beyond --num-epochs (recorded as mltrack.param_drift).")
 @click.option("--fallback-previous", is_flag=True,
-              help="On resume, if last.pt fails its checksum, resume from the previous verified checkpoint.")
+              help="On resume, if the checkpoint fails verification (checksum, truncation), resume from prev.pt "
+                   "beside it (the previous epoch's last.pt); tagged mltrack.resume_fallback.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit without training.")
 def train(config: Path | None, resume: str | None, sets: tuple[str, ...], overrides: str | None,
           print_config: bool, allow_config_change: bool, fallback_previous: bool, **flags: Any) -> None:
@@ -100,3 +102,29 @@ def train(config: Path | None, resume: str | None, sets: tuple[str, ...], overri
         print_error(f"training stopped: {err}")
         raise SystemExit(1) from None
     print_final(result)
+
+
+# Options of ``train`` that build a RunConfig; ``cv`` and ``lr-find`` take the same ones (not --fold/--resume).
+CONFIG_OPTION_NAMES = ("config", "num_epochs", "batch_size", "lr", "device", "num_workers", "data_dir",
+                       "trainer_type", "architecture", "run_name", "sets", "overrides")
+
+
+def config_options(command: click.Command) -> click.Command:
+    """Give ``command`` train's config options (the same Option objects, so names, help and parsing match).
+    Apply it above ``@click.command``; the options come first in ``--help``."""
+    command.params[:0] = [p for p in train.params if p.name in CONFIG_OPTION_NAMES]
+    return command
+
+
+def load_cli_config(config: Path | None, sets: tuple[str, ...], overrides: str | None,
+                    flags: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(RunConfig, explicit dotted keys the user set) from the values of :func:`config_options` options,
+    with train's precedence: flag > --set/--overrides > --config YAML > defaults."""
+    from mltrack.config import CLI_FLAG_KEYS, load_config, parse_override
+
+    cli_values = {name: value for name, value in flags.items() if name in CLI_FLAG_KEYS}
+    items = collect_overrides(overrides, sets)
+    cfg = load_config(resolve_config_path(config), items, cli_values)
+    explicit = dict(parse_override(item) for item in items)
+    explicit.update({CLI_FLAG_KEYS[k]: v for k, v in cli_values.items() if v is not None})
+    return cfg, explicit

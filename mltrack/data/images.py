@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -60,11 +61,15 @@ def load_rgb(path: Path, max_pixels: int) -> Image.Image:
         raise DataError(f"cannot read image {path}: {bad.reason}") from None
 
 
-def verify(path: Path, max_pixels: int) -> str | None:
+def verify(
+    path: Path, max_pixels: int, on_decoded: Callable[[Image.Image], None] | None = None
+) -> str | None:
     """Return why ``path`` is not a usable image (empty, not an image, too large, truncated, bad CRC), or None.
 
     Runs the format's integrity check (PNG chunk CRCs, which a plain decode skips for pixel data) and
-    then the same full decode as :func:`load_rgb`. Never raises for a bad file.
+    then the same full decode as :func:`load_rgb`. Never raises for a bad file. ``on_decoded``, if given,
+    receives the decoded RGB image of a good file before it is closed (so a caller such as the dataset
+    check can fingerprint the pixels without decoding the file a second time); its errors propagate.
     """
     path = Path(path)
     try:
@@ -75,11 +80,14 @@ def verify(path: Path, max_pixels: int) -> str | None:
                 img.verify()
             except Exception as err:  # any failure of the integrity check means a corrupt file
                 return f"corrupt: {_describe(err)}"
-        _decode(path, max_pixels).close()
+        rgb = _decode(path, max_pixels)
     except _BadImage as bad:
         return bad.reason
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
+    with rgb:
+        if on_decoded is not None:
+            on_decoded(rgb)
     return None
 
 

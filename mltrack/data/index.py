@@ -16,6 +16,7 @@ from mltrack.data.images import is_image_file
 from mltrack.errors import DataError
 
 SPLITS = ("train", "val", "test")
+QUARANTINE_FILE = "quarantine.txt"  # <data_dir>/quarantine.txt, written by `mltrack check --quarantine`
 MAX_LISTED_LINES = 50  # an error lists every bad line number, but explains at most this many
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
@@ -36,15 +37,40 @@ def class_names(raw_dir: Path) -> list[str]:
     if not names:
         raise DataError(f"no class directories in {raw_dir} (expected {raw_dir}/<class>/<images>)")
     raw_real = os.path.realpath(raw_dir)
+    skip = read_quarantine(raw_dir)
     # A class dir linked outside raw/ is listed (so its index lines fail with line numbers) but never walked.
-    empty = [n for n in names if is_inside(raw_real, raw_dir / n) and not _has_image(raw_dir / n)]
+    empty = [n for n in names if is_inside(raw_real, raw_dir / n) and not _has_image(raw_dir, n, skip)]
     if empty:
         shown = ", ".join(f"'{n}'" for n in empty)
+        note = f"; files listed in {quarantine_path(raw_dir)} do not count" if skip else ""
         raise DataError(
             f"class director{'y' if len(empty) == 1 else 'ies'} {shown} in {raw_dir} contain no image files "
-            f"(supported suffixes: .jpg .jpeg .png .bmp .gif .tif .tiff .webp); add images or remove the directory"
+            f"(supported suffixes: .jpg .jpeg .png .bmp .gif .tif .tiff .webp{note}); add images or remove the "
+            "directory"
         )
     return names
+
+
+def quarantine_path(raw_dir: Path) -> Path:
+    """``<data_dir>/quarantine.txt`` for ``raw_dir = <data_dir>/raw`` (beside raw/, like splits/)."""
+    return Path(raw_dir).parent / QUARANTINE_FILE
+
+
+def read_quarantine(raw_dir: Path) -> dict[str, str]:
+    """Quarantined files: path relative to ``raw_dir`` -> reason; empty when there is no quarantine file.
+
+    Format (written by :func:`mltrack.data.checks.write_quarantine`): one ``<relpath>\t<reason>`` per line,
+    ``#`` comment and blank lines ignored. The paths are only compared with listed files, never opened.
+    """
+    path = quarantine_path(raw_dir)
+    if not path.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip() and not line.startswith("#"):
+            rel, _, reason = line.partition("\t")
+            out[rel] = reason
+    return out
 
 
 def is_inside(raw_real: str, path: str | os.PathLike[str]) -> bool:
@@ -53,29 +79,46 @@ def is_inside(raw_real: str, path: str | os.PathLike[str]) -> bool:
     return real != raw_real and os.path.commonpath([real, raw_real]) == raw_real
 
 
-def _has_image(top: Path) -> bool:
-    """True as soon as one image file is found under ``top`` (stops early on large classes)."""
-    for _root, dirs, files in os.walk(top):
+def _has_image(raw_dir: Path, class_name: str, skip: Collection[str]) -> bool:
+    """True as soon as one image file not in ``skip`` is found under the class (stops early on large classes)."""
+    top = Path(raw_dir) / class_name
+    for root, dirs, files in os.walk(top):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(is_image_file(f) for f in files):
+        rel_root = PurePosixPath(class_name, *Path(root).relative_to(top).parts)
+        if any(is_image_file(f) and str(rel_root / f) not in skip for f in files):
             return True
     return False
 
 
-def iter_class_images(raw_dir: Path, class_name: str) -> Iterator[str]:
-    """Yield POSIX paths relative to ``raw_dir`` of the image files under one class, sorted.
+def scan_class(raw_dir: Path, class_name: str) -> tuple[list[str], list[str]]:
+    """(image files, ignored entries) under one class, as sorted POSIX paths relative to ``raw_dir``.
 
-    Walks sub-directories, skipping hidden files and directories; does not follow directory symlinks
-    below the class directory (a linked class directory itself is listed and later confined by
-    :func:`validate_relpath`).
+    Walks sub-directories, skipping hidden files and directories (listed as ignored, ``dir/`` for a
+    directory, not descended); does not follow directory symlinks below the class directory (listed as
+    ignored too). A linked class directory itself is walked; :func:`relpath_problem` confines its files.
     """
     top = Path(raw_dir) / class_name
     found: list[str] = []
+    ignored: list[str] = []
     for root, dirs, files in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel_root = PurePosixPath(class_name, *Path(root).relative_to(top).parts)
-        found.extend(str(rel_root / f) for f in files if is_image_file(f))
-    yield from sorted(found)
+        skipped = [d for d in dirs if d.startswith(".") or os.path.islink(os.path.join(root, d))]
+        ignored.extend(f"{rel_root / d}/" for d in skipped)
+        dirs[:] = sorted(d for d in dirs if d not in skipped)
+        for f in files:
+            (found if is_image_file(f) else ignored).append(str(rel_root / f))
+    return sorted(found), sorted(ignored)
+
+
+def iter_class_images(raw_dir: Path, class_name: str, include_quarantined: bool = False) -> Iterator[str]:
+    """Yield POSIX paths relative to ``raw_dir`` of the image files under one class, sorted.
+
+    Same walk as :func:`scan_class`. Files listed in the quarantine file (:func:`read_quarantine`) are
+    left out unless ``include_quarantined``, so splitting never sees them.
+    """
+    skip = {} if include_quarantined else read_quarantine(raw_dir)
+    found, _ignored = scan_class(raw_dir, class_name)
+    yield from (rel for rel in found if rel not in skip)
 
 
 def relpath_problem(raw_real: str, classes: Collection[str], rel: str) -> str | None:
@@ -152,6 +195,7 @@ def read_index(data_dir: Path, split: str, fold: int) -> list[tuple[str, int]]:
     names = class_names(data_dir / "raw")
     label_of = {n: i for i, n in enumerate(names)}
     raw_real = os.path.realpath(data_dir / "raw")
+    quarantined = read_quarantine(data_dir / "raw")
     samples: list[tuple[str, int]] = []
     bad: list[tuple[int, str, str]] = []
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
@@ -160,6 +204,8 @@ def read_index(data_dir: Path, split: str, fold: int) -> list[tuple[str, int]]:
             if not rel.strip():
                 continue
             problem = relpath_problem(raw_real, label_of.keys(), rel)
+            if problem is None and rel in quarantined:
+                problem = f"quarantined ({QUARANTINE_FILE}: {quarantined[rel]}); split again to drop it"
             if problem:
                 bad.append((number, rel, problem))
             else:

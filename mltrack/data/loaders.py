@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +31,15 @@ MAX_AUTO_WORKERS = 8
 class Loaders:
     """The loaders of the requested splits (None for splits not requested) and what describes them."""
 
-    train: DataLoader | None
-    val: DataLoader | None
-    test: DataLoader | None
+    train: DataLoader | Any | None  # Any: a mltrack.data.cache.CachedLoader when data.cache is in use
+    val: DataLoader | Any | None
+    test: DataLoader | Any | None
     class_names: list[str]
     sizes: dict[str, int]  # split -> number of samples, for the requested splits
     generator: torch.Generator  # train shuffle/sampler/worker-seed generator; checkpoint its get_state()
     datasets: dict[str, ImageListDataset] = field(default_factory=dict)
+    cache: str = "none"  # data path in use: none (DataLoader), ram or gpu (mltrack.data.cache)
+    cache_reason: str = ""  # why (the data.cache setting, or what auto decided from)
 
 
 def resolve_num_workers(num_workers: int | None) -> int:
@@ -67,6 +70,10 @@ def build_loaders(
     deterministic: bool,
     device_type: str,
     splits: tuple[str, ...] = SPLITS,
+    *,
+    device: torch.device | None = None,
+    trainer_type: str | None = None,
+    channels_last: bool = False,
 ) -> Loaders:
     """Build loaders for ``splits`` of fold ``data_cfg.fold`` under ``data_cfg.data_dir``.
 
@@ -76,6 +83,11 @@ def build_loaders(
     except when ``deterministic``: a persistent worker's RNG would carry over epochs, which a resumed run
     (fresh workers) could not reproduce. Raises DataError for missing/invalid index files, an empty train
     split, or bad paths.
+
+    ``data_cfg.cache`` may replace the loaders by :class:`mltrack.data.cache.CachedLoader` s (decoded
+    once, augmented on ``device``, default ``device_type``'s current device); ``trainer_type`` lets
+    ``auto`` rule out trainers the cache cannot serve (unknown: no cache), ``channels_last`` sets the
+    layout of cached batches. The same generator drives the cached train loader.
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -100,10 +112,35 @@ def build_loaders(
         gen = generator if split == "train" else torch.Generator().manual_seed(seed + offset)
         out[split] = _make_loader(ds, split == "train", data_cfg.sampler, batch_size, workers, gen,
                                   pin=device_type == "cuda", persistent=workers > 0 and not deterministic)
+    sizes = {s: len(d) for s, d in datasets.items()}
+    mode, reason = _cached(data_cfg, out, datasets, sizes, batch_size, generator, workers,
+                           device or torch.device(device_type), trainer_type, channels_last)
     return Loaders(
         train=out["train"], val=out["val"], test=out["test"], class_names=names,
-        sizes={s: len(d) for s, d in datasets.items()}, generator=generator, datasets=datasets,
+        sizes=sizes, generator=generator, datasets=datasets, cache=mode, cache_reason=reason,
     )
+
+
+def _cached(data_cfg: DataConfig, out: dict, datasets: dict[str, ImageListDataset], sizes: dict[str, int],
+            batch_size: int, generator: torch.Generator, workers: int, device: torch.device,
+            trainer_type: str | None, channels_last: bool) -> tuple[str, str]:
+    """Swap ``out``'s DataLoaders for cached loaders when ``data.cache`` resolves to ram or gpu."""
+    from mltrack.data import cache
+
+    nbytes = cache.cache_bytes(sizes, data_cfg.transforms, data_cfg.image_size, data_cfg.precrop_size)
+    mode, reason = cache.resolve_cache_mode(data_cfg.cache, device, nbytes, trainer_type=trainer_type)
+    if mode == "none":
+        return mode, reason
+    # Same generators as the DataLoaders: train shares the checkpointed one, eval splits their own.
+    gens = {s: generator if s == "train" else out[s].generator for s in datasets}
+    weights = _inverse_frequency_weights(datasets["train"].targets) if (
+        data_cfg.sampler == "balanced" and "train" in datasets) else None
+    out.update(cache.build_cached_loaders(
+        Path(data_cfg.data_dir) / "raw", {s: d.samples for s, d in datasets.items()}, mode=mode,
+        recipe=data_cfg.transforms, image_size=data_cfg.image_size, precrop_size=data_cfg.precrop_size,
+        max_pixels=data_cfg.max_image_pixels, workers=workers, batch_size=batch_size, device=device,
+        generators=gens, balanced_weights=weights, channels_last=channels_last, datasets=datasets))
+    return mode, reason
 
 
 def _make_loader(

@@ -40,8 +40,8 @@ _PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def _mixed_precision(cfg: TrainingConfig) -> str:
-    # amp_dtype has a default; only an explicit choice turns mixed precision on for this trainer.
-    return _PRECISION[cfg.amp_dtype] if "amp_dtype" in cfg.model_fields_set else "no"
+    # None (the default) means fp32 for this trainer; mixed_precision reads None as bfloat16.
+    return "no" if cfg.amp_dtype is None else _PRECISION[cfg.amp_dtype]
 
 
 class AccelerateTrainer(Trainer):

@@ -32,13 +32,11 @@ and costs no privacy. Per-sample clipping is ``training.dp.max_grad_norm``.
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
@@ -47,7 +45,21 @@ from mltrack.console import get_logger
 from mltrack.errors import CheckpointError, ConfigError
 from mltrack.trainers.base import Trainer
 
+_ROOT_HANDLERS = list(logging.getLogger().handlers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+
+# Importing opacus runs logging.basicConfig(), giving the root logger a handler with its own format, so every
+# mltrack log line would print twice. Remove exactly the handlers that import added.
+for _handler in [h for h in logging.getLogger().handlers if h not in _ROOT_HANDLERS]:
+    logging.getLogger().removeHandler(_handler)
+
 log = get_logger()
+# Opacus' backward hooks make torch warn on the first layer (its input needs no gradient); harmless here.
+_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect"
+# PRV's error bounds are computed through RDP orders; at small epsilons it asks for more orders. Not actionable.
+_ALPHA_WARNING = "Optimal order is the largest alpha"
 
 
 def fix_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -193,9 +205,11 @@ class DPTrainer(Trainer):
     def _solve_noise(self) -> float:
         assert self.dp.target_epsilon is not None
         try:
-            sigma = get_noise_multiplier(target_epsilon=self.dp.target_epsilon, target_delta=self.dp.target_delta,
-                                         sample_rate=self.sample_rate, steps=self.planned_steps,
-                                         accountant=self.dp.accountant)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_ALPHA_WARNING)
+                sigma = get_noise_multiplier(target_epsilon=self.dp.target_epsilon,
+                                             target_delta=self.dp.target_delta, sample_rate=self.sample_rate,
+                                             steps=self.planned_steps, accountant=self.dp.accountant)
         except ValueError as err:
             raise ConfigError(f"training.dp.target_epsilon {self.dp.target_epsilon:g} cannot be reached in "
                               f"{self.planned_steps} steps ({err}); raise target_epsilon or lower num_epochs") from None
@@ -208,6 +222,11 @@ class DPTrainer(Trainer):
         return getattr(model, "_module", model)
 
     # -- per batch ---------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_HOOK_WARNING)
+            loss.backward()
+
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
         params = optimizer.params  # type: ignore[attr-defined]  # DPOptimizer: the trainable parameters
         if all(getattr(p, "grad_sample", None) is None for p in params):
@@ -227,7 +246,9 @@ class DPTrainer(Trainer):
         """Epsilon spent so far at ``target_delta`` (the accountant's upper bound); 0 before any step."""
         if not self.engine.accountant.history:
             return 0.0
-        return float(self.engine.accountant.get_epsilon(delta=self.dp.target_delta))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_ALPHA_WARNING)
+            return float(self.engine.accountant.get_epsilon(delta=self.dp.target_delta))
 
     def extra_metrics(self) -> dict[str, float]:
         return {"dp/epsilon": self.epsilon(), "dp/steps": float(self.steps())}

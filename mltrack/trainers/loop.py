@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -31,18 +32,75 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss."""
 
 
+class StopTraining(Exception):
+    """Raised by an epoch callback to end a run early with a given MLflow status (e.g. a pruned trial).
+
+    ``run.train`` sets the run to ``status`` with tag ``mltrack.exit_reason=reason`` and re-raises.
+    """
+
+    def __init__(self, reason: str, status: str = "KILLED") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
 class Interrupted(Exception):
-    """A stop was requested (SIGTERM/SIGINT); raised at a batch boundary, after the last full step."""
+    """A stop was requested (SIGTERM/SIGINT); raised after the last complete optimizer step.
+
+    ``FitState.batch > 0`` then says it was raised inside an epoch: ``FitState.partial`` holds what a
+    mid-epoch checkpoint needs to continue that epoch exactly (see ``train_epoch``).
+    """
 
     def __init__(self, signal_name: str) -> None:
         super().__init__(signal_name)
         self.signal_name = signal_name
 
 
-def fault(point: str) -> None:
-    """Crash here when MLTRACK_FAULT_AT names this point and the epoch matches (fault-injection tests)."""
-    if os.environ.get("MLTRACK_FAULT_AT") == point:
+class InjectedFault(RuntimeError):
+    """The exception raised by ``MLTRACK_FAULT_ACTION=raise`` (fault-injection tests)."""
+
+
+_FIRED: set[str] = set()  # each fault point fires at most once per process
+_FAULT_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL,
+                  "stop": signal.SIGSTOP}
+
+
+def fault_matches(point: str, epoch: int | None = None, batch: int | None = None) -> bool:
+    """Whether the fault-injection env vars select this point (and epoch/batch, when they are set)."""
+    env = os.environ
+    if env.get("MLTRACK_FAULT_AT") != point or point in _FIRED:
+        return False
+    for name, value in (("MLTRACK_FAULT_EPOCH", epoch), ("MLTRACK_FAULT_BATCH", batch)):
+        wanted = env.get(name, "")
+        if wanted != "" and value != int(wanted):
+            return False
+    return True
+
+
+def fault(point: str, epoch: int | None = None, batch: int | None = None) -> None:
+    """Fault injection for the reliability tests; a no-op unless ``MLTRACK_FAULT_AT`` names ``point``.
+
+    Env: ``MLTRACK_FAULT_AT`` = point (after_train, after_eval, after_ckpt_write, after_ckpt_upload,
+    after_metrics_log, after_commit, in_epoch = after the optimizer step of a batch; in checkpoint.py:
+    ckpt_write_half, ckpt_before_replace, ckpt_after_replace); ``MLTRACK_FAULT_EPOCH`` = 0-based epoch
+    (= metric step) and ``MLTRACK_FAULT_BATCH`` = 0-based batch (in_epoch only), each optional;
+    ``MLTRACK_FAULT_ACTION`` = exit (default: ``os._exit(137)``, no cleanup, like kill -9), raise
+    (InjectedFault), sysexit (``SystemExit(1)``), or sigterm / sigint / sigkill / stop (that real signal
+    sent to this process; stop = SIGSTOP, so a test can deliver a real SIGKILL at this exact point).
+    """
+    if not fault_matches(point, epoch, batch):
+        return
+    _FIRED.add(point)
+    action = os.environ.get("MLTRACK_FAULT_ACTION", "exit")
+    if action == "exit":
         os._exit(137)
+    if action == "raise":
+        raise InjectedFault(f"injected fault at {point} (epoch {epoch}, batch {batch})")
+    if action == "sysexit":
+        raise SystemExit(1)
+    if action not in _FAULT_SIGNALS:
+        raise ValueError(f"MLTRACK_FAULT_ACTION={action!r}; use exit, raise, sysexit, {', '.join(_FAULT_SIGNALS)}")
+    os.kill(os.getpid(), _FAULT_SIGNALS[action])
 
 
 @dataclass
@@ -56,6 +114,8 @@ class FitState:
     bad_epochs: int = 0  # epochs without improvement (early stopping)
     nonfinite_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # metrics per completed epoch
+    batch: int = 0  # train batches of ``epoch`` already done (a mid-epoch checkpoint); 0 at an epoch boundary
+    partial: dict[str, Any] = field(default_factory=dict)  # running sums of that epoch (``_EpochSums``)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,25 +169,94 @@ def _bar(ctx: FitContext, total: int, label: str) -> Any:
     return ctx.progress(total, label)
 
 
+class _EpochSums:
+    """The running sums of one train pass, on the device; saved into ``FitState.partial`` by a mid-epoch stop.
+
+    ``partial`` (plain data, weights-only loadable): ``loader_state`` (the train generator's state at the
+    start of the epoch, before the iterator drew its shuffle order and worker seeds), ``lr`` (logged for
+    the epoch), ``loss_sum``/``seen``/``cm``/``consecutive_bad``/``elapsed`` (sums over the done batches).
+    """
+
+    def __init__(self, ctx: FitContext, generator: Optional[torch.Generator]) -> None:
+        device, n = ctx.trainer.device, ctx.num_classes
+        part = ctx.state.partial if ctx.state.batch else {}
+        self.loss_sum = torch.tensor(float(part.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
+        self.seen = torch.tensor(int(part.get("seen", 0)), device=device, dtype=torch.int64)
+        cm = part.get("cm")
+        self.cm = (torch.as_tensor(cm, dtype=torch.int64).to(device) if cm is not None
+                   else torch.zeros(n, n, dtype=torch.int64, device=device))
+        self.consecutive_bad = int(part.get("consecutive_bad", 0))
+        self.elapsed_before = float(part.get("elapsed", 0.0))
+        self.lr = float(part["lr"]) if "lr" in part else ctx.schedule.current_lr()
+        if "loader_state" in part and generator is not None:
+            generator.set_state(part["loader_state"])  # re-draw this epoch's order and worker seeds
+        self.loader_state = generator.get_state() if generator is not None else None
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def to_partial(self) -> dict[str, Any]:
+        return {"loader_state": self.loader_state, "lr": self.lr, "loss_sum": float(self.loss_sum.item()),
+                "seen": int(self.seen.item()), "cm": self.cm.cpu().tolist(),
+                "consecutive_bad": self.consecutive_bad, "elapsed": self.elapsed()}
+
+
+def _stop_inside_epoch(ctx: FitContext, sums: _EpochSums, done: int) -> Interrupted:
+    """Record the position after ``done`` complete batches and return the exception to raise."""
+    assert STOP_REQUESTED is not None
+    ctx.state.batch, ctx.state.partial = done, sums.to_partial()
+    return Interrupted(STOP_REQUESTED)
+
+
+def _batches(ctx: FitContext, loader: DataLoader, skip: int) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` of the train loader from batch ``skip`` on.
+
+    Resuming inside an epoch, the first ``skip`` batches are fetched (so each DataLoader worker's RNG
+    advances as it did) but not trained on; the global RNGs are then put back to the checkpoint's state,
+    which is what they were right after batch ``skip - 1``.
+    """
+    iterator = iter(loader)
+    if skip:
+        from mltrack.checkpoint import rng_state, set_rng_state
+
+        at_stop = rng_state()
+        for _ in range(skip):
+            next(iterator)
+        set_rng_state(at_stop)
+    yield from enumerate(iterator, start=skip)
+
+
 def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
-    """One pass over the train loader; returns (metrics, train confusion matrix)."""
+    """One pass over the train loader (or the rest of it after a mid-epoch resume); returns (metrics,
+    train confusion matrix). A stop request is honoured after a complete optimizer step (Interrupted)."""
     trainer, model, opt, loader = ctx.trainer, ctx.model, ctx.optimizer, ctx.loaders["train"]
     assert loader is not None
     model.train()
     device = trainer.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
-    cm = torch.zeros(ctx.num_classes, ctx.num_classes, dtype=torch.int64, device=device)
+    generator = getattr(loader, "generator", None)
+    # Stopping inside an epoch needs the loader's generator to replay the epoch and one process to stop alone.
+    can_stop_inside = generator is not None and trainer.world_size == 1
+    sums = _EpochSums(ctx, generator)
+    skip, ctx.state.batch, ctx.state.partial = ctx.state.batch, 0, {}
     accum = trainer.accumulation
     n_batches = len(loader)
     group_loss = torch.zeros((), device=device)
-    consecutive_bad = 0
-    start = time.perf_counter()
     trainer.zero_grad(opt)
     with _bar(ctx, n_batches, f"epoch {ctx.state.epoch} train") as advance:
-        for i, (images, targets) in enumerate(loader):
-            if STOP_REQUESTED:
-                raise Interrupted(STOP_REQUESTED)
+        advance(skip)
+        batches = _batches(ctx, loader, skip)
+        i = skip - 1
+        while True:
+            try:
+                i, (images, targets) = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                # Ctrl-C in a terminal also reaches the DataLoader workers, which then die: the stop wins.
+                if STOP_REQUESTED and can_stop_inside and (i + 1) % accum == 0:
+                    raise _stop_inside_epoch(ctx, sums, i + 1) from None
+                raise
             sync = (i + 1) % accum == 0 or i + 1 == n_batches
             if not trainer.is_empty_batch(targets):
                 images, targets = trainer.to_device(images, targets)
@@ -138,34 +267,38 @@ def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
                     trainer.backward(loss / accum)
                 group_loss = group_loss + loss.detach()
                 batch_loss = loss.detach().double() * targets.numel()
-                loss_sum += torch.nan_to_num(batch_loss, nan=0.0, posinf=0.0, neginf=0.0)
-                seen += targets.numel()
-                cm += confusion_matrix(logits.detach().argmax(1), targets, ctx.num_classes)
+                sums.loss_sum += torch.nan_to_num(batch_loss, nan=0.0, posinf=0.0, neginf=0.0)
+                sums.seen += targets.numel()
+                sums.cm += confusion_matrix(logits.detach().argmax(1), targets, ctx.num_classes)
             if sync:
                 # The guard needs the value now: a step with a NaN/inf loss must not touch the weights.
                 if bool(torch.isfinite(group_loss)):
-                    consecutive_bad = 0
+                    sums.consecutive_bad = 0
                     if trainer.optimizer_step(model, opt):
                         ctx.state.global_step += 1
                         ctx.schedule.step_batch()
                 else:
-                    consecutive_bad += 1
+                    sums.consecutive_bad += 1
                     ctx.state.nonfinite_steps += 1
-                    if consecutive_bad >= ctx.cfg.training.max_nonfinite_steps:
+                    if sums.consecutive_bad >= ctx.cfg.training.max_nonfinite_steps:
                         raise NonFiniteLossError(
-                            f"{consecutive_bad} consecutive optimizer steps had a non-finite loss "
+                            f"{sums.consecutive_bad} consecutive optimizer steps had a non-finite loss "
                             f"(epoch {ctx.state.epoch}, batch {i}); lower the learning rate or check the data"
                         )
                 trainer.zero_grad(opt)
                 group_loss = torch.zeros((), device=device)
+                fault("in_epoch", ctx.state.epoch, i)
+                if STOP_REQUESTED and can_stop_inside and i + 1 < n_batches:
+                    raise _stop_inside_epoch(ctx, sums, i + 1)
             advance(1)
-    elapsed = time.perf_counter() - start
-    loss_sum, seen, cm = trainer.reduce_sum(loss_sum), trainer.reduce_sum(seen), trainer.reduce_sum(cm)
+    elapsed = sums.elapsed()
+    loss_sum, seen, cm = trainer.reduce_sum(sums.loss_sum), trainer.reduce_sum(sums.seen), trainer.reduce_sum(sums.cm)
     n = max(int(seen.item()), 1)
     metrics = {
         "train/loss": float(loss_sum.item()) / n,
         "train/acc": float(cm.diag().sum().item()) / n,
         "train/img_per_s": n / max(elapsed, 1e-9),
+        "lr": sums.lr,
     }
     return metrics, cm.cpu()
 
@@ -220,16 +353,14 @@ def _improved(ctx: FitContext, value: float) -> bool:
 def run_epoch(ctx: FitContext) -> EpochOutput:
     """Train + validate one epoch and update the fit state (best metric, early stopping, schedule)."""
     start = time.perf_counter()
-    lr = ctx.schedule.current_lr()
     train_metrics, train_cm = train_epoch(ctx)
-    fault("after_train")
+    fault("after_train", ctx.state.epoch)
     val_loader = ctx.loaders["val"]
     assert val_loader is not None
     val_loss, val_cm = evaluate(ctx, val_loader)
-    fault("after_eval")
+    fault("after_eval", ctx.state.epoch)
     metrics = {**train_metrics, **split_metrics("val", val_loss, val_cm, ctx.class_names)}
     metrics.update(ctx.trainer.extra_metrics())
-    metrics["lr"] = lr
     metrics["nonfinite_steps"] = float(ctx.state.nonfinite_steps)
     monitor = ctx.cfg.training.monitor
     if monitor not in metrics:
@@ -249,17 +380,34 @@ def run_epoch(ctx: FitContext) -> EpochOutput:
     return EpochOutput(metrics, train_cm, val_cm, improved)
 
 
+def _finished(ctx: FitContext) -> bool:
+    # From the state, not from a flag set in the previous iteration, so a resumed run that had already
+    # met its early-stopping condition does not train one more epoch.
+    patience = ctx.cfg.training.early_stopping.patience
+    if patience is not None and ctx.state.bad_epochs >= patience:
+        ctx.should_stop = True
+    return ctx.should_stop or ctx.state.epoch >= ctx.cfg.training.num_epochs
+
+
+def _stop_at_boundary() -> None:
+    if STOP_REQUESTED:
+        raise Interrupted(STOP_REQUESTED)
+
+
 def fit(ctx: FitContext, hooks: list[Any]) -> FitState:
-    """Run epochs from ``ctx.state.epoch`` to ``training.num_epochs``; hooks fire in list order."""
+    """Run epochs from ``ctx.state.epoch`` to ``training.num_epochs``; hooks fire in list order.
+
+    A stop request raises Interrupted inside an epoch (after a complete optimizer step, ``state.batch``
+    set) or between epochs (after the hooks, so the epoch's checkpoint is already written).
+    """
     for hook in hooks:
         hook.on_fit_start(ctx)
-    patience = ctx.cfg.training.early_stopping.patience
-    while ctx.state.epoch < ctx.cfg.training.num_epochs and not ctx.should_stop:
+    while not _finished(ctx):
+        _stop_at_boundary()
         ctx.last = run_epoch(ctx)
         for hook in hooks:
             hook.on_epoch_end(ctx)
-        if patience is not None and ctx.state.bad_epochs >= patience:
-            ctx.should_stop = True
+    _stop_at_boundary()
     for hook in hooks:
         hook.on_fit_end(ctx)
     return ctx.state

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,13 +32,17 @@ class Server:
         self.uri = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Server":
+    def launch(self) -> "Server":
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'srv.db'}",
                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
-        log = open(self.root / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(self.root / f"server-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self
+
+    def wait_healthy(self) -> "Server":
+        assert self.proc is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.root / f"server-{self.port}.log").read_text()[-2000:]
@@ -62,9 +67,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised store: servers then start without running the schema migrations each time."""
+    path = tmp_path_factory.mktemp("template") / "srv.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int | None], Server]]:
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           template_db: Path) -> Iterator[Callable[..., Server]]:
     """Factory of servers sharing one backend store and artifact root under ``tmp``; all killed at teardown."""
+    shutil.copy(template_db, tmp_path / "srv.db")
     started: list[Server] = []
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
@@ -73,11 +88,12 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
 
-    def make(port: int | None = None) -> Server:
-        srv = Server(tmp_path, port or _free_port()).start()
+    def make(port: int | None = None, wait: bool = True) -> Server:
+        """Launch a server (``wait``: until healthy) and point MLFLOW_TRACKING_URI at it."""
+        srv = Server(tmp_path, port or _free_port()).launch()
         started.append(srv)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
-        return srv
+        return srv.wait_healthy() if wait else srv
 
     yield make
     for srv in started:
@@ -140,6 +156,7 @@ def test_outage_then_restart_replays_everything_once(server: Callable[..., Serve
     assert not tracker.offline and not tracker.spool_file.exists()
     warnings = [r.getMessage() for r in caplog.records if "tracking offline" in r.getMessage()]
     assert len(warnings) == 1 and str(tracker.spool_file) in warnings[0] and "will replay" in warnings[0]
+    assert not [r for r in caplog.records if r.name.startswith("urllib3") and r.threadName == "mltrack-tracking"]
     tracker.finish()
     _assert_complete(srv.uri, tracker.run_id, 4, tmp_path)
 
@@ -153,6 +170,9 @@ def test_never_restarted_leaves_a_spool_that_replays_to_a_new_server(
     _epoch(tracker, ckpt, 0)
     assert tracker.flush(30)
     srv.kill()
+    # A new server process (new port) on the same backend store and artifact root, as after a reboot;
+    # launched now so its start overlaps the rest (the tracker keeps the URI it started with).
+    new = server(wait=False)
     for epoch in (1, 2):
         assert _epoch(tracker, ckpt, epoch) < 1.0
     with caplog.at_level(logging.WARNING, logger="mltrack.tracking"):
@@ -162,7 +182,8 @@ def test_never_restarted_leaves_a_spool_that_replays_to_a_new_server(
     spool = tracker.spool_file
     assert spool.exists()
     assert any(f"mltrack sync {spool}" in r.getMessage() for r in caplog.records)
-    new = server()  # a new server process (new port) on the same backend store and artifact root
+    assert json.loads(spool.read_text().splitlines()[0])["tracking_uri"] == srv.uri
+    new.wait_healthy()
     assert replay_spool(spool) == 7  # (artifact, metrics, commit tag) x 2 epochs + terminal status
     assert not spool.exists()
     _assert_complete(new.uri, tracker.run_id, 3, tmp_path)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -198,7 +199,7 @@ def test_order_artifact_then_metrics_then_commit_tag(store: MlflowClient, tmp_pa
     local = download_artifact(f"runs:/{t.run_id}/weights/last.pt", tmp_path / "dl")
     assert local.read_text() == "weights of epoch 2"
     t.finish()
-    assert not (tmp_path / "runs" / ".tracking" / f"{t.run_id}.stage").exists()  # staged copies cleaned
+    assert not (tmp_path / "runs" / ".tracking").exists()  # staged copies cleaned up, empty spool dir too
 
 
 def test_snapshot_and_figure_upload(store: MlflowClient, tmp_path: Path) -> None:
@@ -316,20 +317,22 @@ def test_replay_spool_sends_pending_once(store: MlflowClient, tmp_path: Path) ->
     staged.write_text("epoch 1")
     spool_path = tmp_path / "spool" / f"{t.run_id}.spool.jsonl"
     spool = SpoolFile(spool_path, {"run_id": t.run_id, "tracking_uri": "http://127.0.0.1:1"})
-    ops = [{"op": "metrics", "step": 0, "ts": 1, "metrics": {"val/acc": 0.1}},  # reached the server already
+    ops = [{"op": "metrics", "step": 0, "ts": 1, "metrics": {"val/acc": 0.1}},
+           # The head of the backlog may have reached the server before the connection broke:
+           {"op": "metrics", "step": 0, "ts": 2, "metrics": {"val/acc": 0.1}},
            {"op": "artifact", "path": str(staged), "artifact_path": "weights", "cleanup": True},
-           {"op": "metrics", "step": 1, "ts": 2, "metrics": {"val/acc": 0.2}},
+           {"op": "metrics", "step": 1, "ts": 3, "metrics": {"val/acc": 0.2}},
            {"op": "tags", "tags": {"mltrack.committed_step": "1"}},
-           {"op": "terminate", "status": "FINISHED", "end_time": 3}]
+           {"op": "terminate", "status": "FINISHED", "end_time": 4}]
     spool.append(ops[:1])
-    spool.ack(1)  # the first op was acked: it must not even be considered
+    spool.ack(1)  # acked: must not even be considered
     spool.append(ops[1:])
     with open(spool_path, "a") as fh:
         fh.write('{"op": "metrics", "st')  # torn line of a killed writer
     header = json.loads(spool_path.read_text().splitlines()[0])
     assert header == {"spool": 1, "run_id": t.run_id, "tracking_uri": "http://127.0.0.1:1"}
     # MLFLOW_TRACKING_URI (the sqlite store) wins over the URI recorded in the file.
-    assert replay_spool(spool_path) == 4
+    assert replay_spool(spool_path) == 5
     assert not spool_path.exists() and not staged.exists()
     run = store.get_run(t.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mltrack.committed_step"] == "1"
@@ -379,3 +382,50 @@ def test_delivery_spools_while_destination_fails_and_replays_in_order(
     offline_warnings = [r for r in caplog.records if "tracking offline" in r.getMessage()]
     assert len(offline_warnings) == 1 and str(spool_path) in offline_warnings[0].getMessage()
     assert d.close(1)
+
+
+def test_spool_left_by_an_earlier_process_is_replayed_before_resuming(store: MlflowClient, tmp_path: Path) -> None:
+    t = Tracker.start("exp", "crashed", {}, spool_dir=tmp_path / "spool")
+    t.log_metrics({"val/acc": 0.1}, step=0)
+    assert t.flush(10)
+    # What a process that gave up while offline leaves behind: its last epoch and its final status.
+    spool = SpoolFile(t.spool_file, {"run_id": t.run_id, "tracking_uri": "http://127.0.0.1:1"})
+    spool.append([{"op": "metrics", "step": 1, "ts": 5, "metrics": {"val/acc": 0.2}},
+                  {"op": "terminate", "status": "KILLED", "end_time": 6}])
+    r = Tracker.start("exp", "crashed", {}, resume_run_id=t.run_id, spool_dir=tmp_path / "spool")
+    assert not t.spool_file.exists()
+    assert store.get_run(t.run_id).info.status == "RUNNING"  # re-opened after the replayed KILLED
+    assert r.metric_steps("val/acc") == {0, 1}
+    r.finish()
+
+
+def test_unreachable_server_fails_fast(store: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    began = time.perf_counter()
+    with pytest.raises(UserError, match=f"cannot reach the MLflow tracking store at http://127.0.0.1:{port}"):
+        Tracker.start("exp", "r", {})
+    with pytest.raises(CheckpointError, match="cannot download runs:/"):
+        download_artifact("runs:/0123456789abcdef0123456789abcdef/weights/last.pt", tmp_path / "dl")
+    assert time.perf_counter() - began < 15
+
+
+def test_delivery_drops_only_what_can_never_succeed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    delivered: list[str] = []
+
+    def send(batch: list[dict[str, Any]], replay: bool) -> None:
+        tags = batch[0].get("tags", {})
+        if "bad key" in tags:
+            raise KeyError("rejected by the server")
+        delivered.append(next(iter(tags)))
+
+    d = Delivery(send, lambda exc: isinstance(exc, KeyError), SpoolFile(tmp_path / "s.jsonl", {"run_id": "r"}), "x")
+    with caplog.at_level(logging.WARNING, logger="mltrack.tracking"):
+        d.put([{"op": "tags", "tags": {k: "v"}} for k in ("a", "bad key", "b")])
+        assert d.close(5)
+    assert delivered == ["a", "b"] and not d.offline and not (tmp_path / "s.jsonl").exists()
+    assert any("dropping tags operation for good" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="already finished"):
+        d.put([{"op": "tags", "tags": {"c": "v"}}])

@@ -1,0 +1,477 @@
+"""The fast data path (DESIGN §6, §9): decode every image once into a uint8 cache, augment whole batches
+on the device. Chosen by ``data.cache`` (none | ram | gpu | auto), wired in by ``loaders.build_loaders``.
+
+Decode, once per image, with ``images.load_rgb`` (bomb limit, EXIF, mode rules) in a process pool
+started by ``forkserver`` (``spawn`` where that is missing): a pool *forked* from a process whose torch
+already runs OpenMP threads can deadlock. What is stored (uint8, CHW, square):
+
+- eval splits, and the train split of recipes without a random crop: exactly the deterministic geometry
+  of ``transforms`` with the same PIL calls (square resize; imagenet eval: short side ``int(S*8/7)``,
+  centre crop S), so a cached eval batch equals the eval transform's output.
+- imagenet train: the whole image squashed to a P x P square (``data.precrop_size``, default
+  ``ceil(S*8/7)``, 256 for 224) plus its original width and height. The RandomResizedCrop box is drawn in
+  the *original* geometry (area 8-100 % of W*H, aspect 3/4-4/3 in original pixels, torchvision's 10
+  tries and centre fallback) and read from the square in normalised coordinates, so the crop
+  distribution is torchvision's; only resolution differs: the full image is at most P px across, so a
+  crop narrower than S/P of the image is upsampled from fewer source pixels (slightly softer) than
+  when cut from the full-size original.
+
+Keep: ``gpu`` holds the cache in device memory; ``ram`` in host memory (pinned on CUDA), a background
+thread gathering the next batches into pinned buffers and copying them on a side stream, ahead of use.
+
+Augment each batch with a few batched ops, no per-image Python: ``roi_align`` with per-sample boxes
+(adaptive sampling averages when shrinking, like an anti-aliased resize) and ``torch.where`` flips for
+imagenet; ``affine_grid`` + ``grid_sample`` (nearest, zero fill, as RandomAffine) for digits; flips for
+basic; then normalisation, as float32 (autocast casts for the model), channels_last on request.
+
+Randomness: at the start of each train epoch the order (shuffle, or balanced sampling with replacement)
+and every augmentation parameter of the epoch are drawn on the CPU from the loaders' generator, the one
+saved in checkpoints. A restored generator replays the epoch exactly, on any device.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import queue
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mltrack.data.images import load_rgb
+from mltrack.data.transforms import HALF, IMAGENET_MEAN, IMAGENET_STD
+from mltrack.errors import ConfigError
+
+CACHE_MODES = ("none", "ram", "gpu", "auto")
+GPU_SHARE = 0.25  # auto: a GPU cache takes at most this share of free device memory (the model needs the rest)
+RAM_SHARE = 0.5  # auto: a RAM cache takes at most this share of available host memory
+DECODE_CHUNK = 32  # images per pool task: amortises the inter-process round trip
+PREFETCH = 2  # ram mode on CUDA: batches gathered and in flight ahead of the one in use
+RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
+RRC_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+AUTO_TRAINERS = ("standard", "mixed_precision", "accelerate")  # dp draws its own Poisson batches
+_END = object()
+
+
+# ---------------------------------------------------------------- what to store
+
+
+def precrop_side(image_size: int, precrop_size: Optional[int]) -> int:
+    """Side P of the square an imagenet train crop is cut from: ``precrop_size`` or ceil(S * 8/7)."""
+    return int(precrop_size) if precrop_size else math.ceil(image_size * 8 / 7)
+
+
+def geometry(recipe: str, image_size: int, train: bool, precrop_size: Optional[int] = None) -> tuple:
+    """How a split is stored: ``("square", side)`` or ``("center", short_side, crop)`` (imagenet eval)."""
+    if recipe == "imagenet":
+        if train:
+            return ("square", precrop_side(image_size, precrop_size))
+        return ("center", int(image_size * 8 / 7), image_size)
+    return ("square", image_size)
+
+
+def cache_bytes(counts: dict[str, int], recipe: str, image_size: int, precrop_size: Optional[int]) -> int:
+    """Bytes of uint8 pixels the cache of these split sizes takes (train at its stored side)."""
+    total = 0
+    for split, n in counts.items():
+        side = geometry(recipe, image_size, split == "train", precrop_size)[-1]
+        total += n * 3 * side * side
+    return total
+
+
+def resolve_cache_mode(requested: str, device: torch.device, nbytes: int, *,
+                       trainer_type: Optional[str] = None) -> tuple[str, str]:
+    """The cache mode to use and why. Explicit modes are checked; ``auto`` picks by device and memory.
+
+    auto: ``none`` on CPU (the DataLoader path: on CPU the model step, not decoding, bounds training and
+    batched CPU augmentation would compete with it for the same cores), for dp, for several processes
+    and when the trainer is not known; else ``gpu`` if the cache fits in GPU_SHARE of free device memory,
+    ``ram`` if it fits in RAM_SHARE of available host memory, else ``none`` (decode every epoch).
+    """
+    if requested not in CACHE_MODES:
+        raise ConfigError(f"unknown data.cache '{requested}'. Valid: {', '.join(CACHE_MODES)}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if requested == "none":
+        return "none", "data.cache: none"
+    if requested in ("ram", "gpu"):
+        if requested == "gpu" and device.type != "cuda":
+            raise ConfigError("data.cache: gpu needs a CUDA device; use data.cache: ram (or auto) on CPU")
+        if trainer_type == "dp":
+            raise ConfigError("data.cache ram/gpu cannot be used with trainer_type dp (Opacus draws Poisson "
+                              "batches from a DataLoader); use data.cache: none")
+        if world > 1:
+            raise ConfigError(f"data.cache {requested} serves one process, but WORLD_SIZE={world}; "
+                              "use data.cache: none for multi-process training")
+        return requested, f"data.cache: {requested}"
+    if device.type != "cuda":
+        return "none", "auto: CPU device"
+    if trainer_type not in AUTO_TRAINERS or world > 1:
+        return "none", f"auto: trainer {trainer_type!r} with {world} process(es) uses the DataLoader path"
+    free, _total = torch.cuda.mem_get_info(device)
+    if nbytes <= GPU_SHARE * free:
+        return "gpu", f"auto: {nbytes / 2**20:.0f} MiB fit in GPU memory ({free / 2**30:.1f} GiB free)"
+    if nbytes <= RAM_SHARE * available_ram():
+        return "ram", f"auto: {nbytes / 2**20:.0f} MiB fit in host RAM, not in GPU memory"
+    return "none", f"auto: {nbytes / 2**30:.1f} GiB fit neither GPU memory nor RAM; decoding every epoch"
+
+
+def available_ram() -> int:
+    """Bytes of host memory available to new allocations (MemAvailable; free pages where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------- decode once
+
+
+def _resize_like_transforms(img: Image.Image, geom: tuple) -> Image.Image:
+    """The PIL calls torchvision's v2 Resize/CenterCrop make on a PIL image (see ``transforms``)."""
+    if geom[0] == "square":
+        return img.resize((geom[1], geom[1]), Image.BILINEAR)
+    _, short, crop = geom
+    w, h = img.size
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def _decode_chunk(paths: list[str], max_pixels: int, geom: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Pool task: (k, side, side, 3) uint8 pixels and (k, 2) original (width, height) of ``paths``."""
+    side = geom[-1]
+    pixels = np.empty((len(paths), side, side, 3), dtype=np.uint8)
+    sizes = np.empty((len(paths), 2), dtype=np.int64)
+    for i, path in enumerate(paths):
+        img = load_rgb(Path(path), max_pixels)  # DataError naming the file for anything bad
+        sizes[i] = img.size
+        pixels[i] = np.asarray(_resize_like_transforms(img, geom))
+    return pixels, sizes
+
+
+def _pool_context() -> Any:
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        # Import this module once in the server, not once per worker (it pulls in torch).
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def decode_split(paths: Sequence[Path], geom: tuple, max_pixels: int, workers: int,
+                 pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``paths`` to ``(N, 3, side, side)`` uint8 and ``(N, 2)`` int64 (width, height) host tensors.
+
+    ``workers`` > 0 decodes in that many pool processes (in order); 0 in this process. The first bad
+    file raises its DataError; nothing is skipped. ``pin_memory`` allocates the pixels page-locked.
+    """
+    side = geom[-1]
+    pixels = torch.empty((len(paths), 3, side, side), dtype=torch.uint8, pin_memory=pin_memory)
+    sizes = torch.empty((len(paths), 2), dtype=torch.int64)
+    chunks = [[str(p) for p in paths[i:i + DECODE_CHUNK]] for i in range(0, len(paths), DECODE_CHUNK)]
+    if workers > 0 and len(chunks) > 1:
+        pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=_pool_context())
+        try:
+            _fill(pixels, sizes, pool.map(_decode_chunk, chunks, [max_pixels] * len(chunks), [geom] * len(chunks)))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a bad file: do not decode the rest
+    else:
+        _fill(pixels, sizes, (_decode_chunk(c, max_pixels, geom) for c in chunks))
+    return pixels, sizes
+
+
+def _fill(pixels: torch.Tensor, sizes: torch.Tensor, results: Any) -> None:
+    start = 0
+    for chunk_pixels, chunk_sizes in results:
+        end = start + len(chunk_pixels)
+        pixels[start:end].copy_(torch.from_numpy(chunk_pixels).permute(0, 3, 1, 2))
+        sizes[start:end] = torch.from_numpy(chunk_sizes)
+        start = end
+
+
+# ---------------------------------------------------------------- augment whole batches
+
+
+def sample_params(recipe: str, sizes: torch.Tensor, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample train augmentation parameters, float64 on the CPU, drawn from ``generator``.
+
+    ``sizes`` are (width, height) of the originals, in the order the samples will be served. Columns:
+    imagenet ``[left, top, width, height]`` of the crop as fractions of the image + ``flip``;
+    basic ``[flip]``; digits ``[angle°, tx px, ty px, scale]``; none: no column.
+    """
+    n = len(sizes)
+    if recipe == "imagenet":
+        return torch.cat([_rrc_boxes(sizes, generator), _flips(n, generator)], 1)
+    if recipe == "basic":
+        return _flips(n, generator)
+    if recipe == "digits":
+        u = torch.rand(n, 4, dtype=torch.float64, generator=generator)
+        shift = 0.1 * image_size  # RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+        return torch.stack([u[:, 0] * 20 - 10, torch.round(u[:, 1] * 2 * shift - shift),
+                            torch.round(u[:, 2] * 2 * shift - shift), 0.9 + 0.2 * u[:, 3]], 1)
+    return torch.zeros(n, 0, dtype=torch.float64)
+
+
+def _flips(n: int, generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, 1, dtype=torch.float64, generator=generator) < 0.5).double()
+
+
+def _rrc_boxes(sizes: torch.Tensor, generator: torch.Generator, tries: int = 10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for every sample at once, as fractions of the image."""
+    n = len(sizes)
+    width, height = sizes[:, 0].double(), sizes[:, 1].double()
+    area = (width * height)[:, None]
+    u = torch.rand(n, tries, 2, dtype=torch.float64, generator=generator)
+    target = area * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * u[..., 0])
+    aspect = torch.exp(RRC_LOG_RATIO[0] + (RRC_LOG_RATIO[1] - RRC_LOG_RATIO[0]) * u[..., 1])
+    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision's loop takes it
+    found = ok.any(1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # No try fitted: the centre crop of the whole image clamped to the ratio range.
+    ratio = width / height
+    lo, hi = math.exp(RRC_LOG_RATIO[0]), math.exp(RRC_LOG_RATIO[1])
+    fw = torch.where(ratio > hi, torch.round(height * hi), width)
+    fh = torch.where(ratio < lo, torch.round(width / lo), height)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    pos = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    top = torch.where(found, torch.floor(pos[:, 0] * (height - h + 1)), torch.floor((height - h) / 2))
+    left = torch.where(found, torch.floor(pos[:, 1] * (width - w + 1)), torch.floor((width - w) / 2))
+    return torch.stack([left / width, top / height, w / width, h / height], 1)
+
+
+def normalization(recipe: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the recipe normalises [0, 1] pixels with (none: identity)."""
+    return {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "basic": (HALF, HALF),
+            "digits": (HALF, HALF)}.get(recipe, ((0.0,) * 3, (1.0,) * 3))
+
+
+def augment(recipe: str, src: torch.Tensor, params: Optional[torch.Tensor], image_size: int) -> torch.Tensor:
+    """Float 0..255 pixels of one batch after the recipe's geometry (``params`` None: eval, identity).
+
+    ``src`` is (B, 3, side, side) uint8 or float on the device that computes; ``params`` rows as from
+    :func:`sample_params`, on the same device.
+    """
+    x = src.float()
+    if params is None or recipe == "none":
+        return x
+    if recipe == "imagenet":
+        from torchvision.ops import roi_align
+
+        side = x.shape[-1]
+        index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
+        box = params[:, :4].to(x.dtype) * side
+        rois = torch.cat([index, box[:, :2], box[:, :2] + box[:, 2:]], 1)
+        x = roi_align(x, rois, (image_size, image_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return _flip(x, params[:, 4])
+    if recipe == "basic":
+        return _flip(x, params[:, 0])
+    if recipe == "digits":
+        return _affine(x, params.to(x.dtype))
+    raise ConfigError(f"the cache has no batched version of transforms '{recipe}'")
+
+
+def _flip(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    return torch.where(flags.view(-1, 1, 1, 1) > 0.5, x.flip(3), x)
+
+
+def _affine(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """RandomAffine about the centre: output (x, y) reads input ``R(-a) (xy - t) / s`` (nearest, zero fill)."""
+    rad = torch.deg2rad(p[:, 0])
+    cos, sin, scale = torch.cos(rad) / p[:, 3], torch.sin(rad) / p[:, 3], x.shape[-1] / 2.0
+    tx, ty = p[:, 1] / scale, p[:, 2] / scale  # pixels -> normalised coordinates (the image spans [-1, 1])
+    theta = torch.stack([torch.stack([cos, sin, -(cos * tx + sin * ty)], 1),
+                         torch.stack([-sin, cos, sin * tx - cos * ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+# ---------------------------------------------------------------- the loader
+
+
+@dataclass
+class CachedSplit:
+    """One split's decoded pixels (device memory or host RAM), original sizes and labels (on the device)."""
+
+    pixels: torch.Tensor  # (N, 3, side, side) uint8
+    sizes: torch.Tensor  # (N, 2) int64 original (width, height), CPU
+    labels: torch.Tensor  # (N,) int64 on the output device
+
+
+class CachedLoader:
+    """A DataLoader stand-in over a :class:`CachedSplit`: yields ``(images, targets)`` on ``device``.
+
+    ``images`` are normalised float32 (channels_last when asked), matching ``transforms`` for the same
+    recipe; ``len`` is batches per epoch (the last one may be partial). Train loaders draw order and
+    augmentation from ``generator`` when an epoch starts; eval loaders serve file order, unaugmented.
+    ``batch_size``, ``num_workers``, ``pin_memory`` and ``dataset`` mirror the DataLoader attributes
+    other code reads.
+    """
+
+    def __init__(self, split: CachedSplit, recipe: str, image_size: int, batch_size: int, device: torch.device,
+                 *, train: bool, generator: torch.Generator, weights: Optional[torch.Tensor] = None,
+                 channels_last: bool = False, num_workers: int = 0, dataset: Any = None) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.split, self.recipe, self.image_size = split, recipe, image_size
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.generator, self.weights, self.channels_last = generator, weights, channels_last
+        self.num_workers, self.dataset = num_workers, dataset
+        self.pin_memory = split.pixels.device.type == "cpu" and device.type == "cuda"  # host cache, streamed
+        mean, std = normalization(recipe)
+        self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
+        self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.split.labels) // self.batch_size)
+
+    def epoch_plan(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This epoch's sample order and augmentation parameters (advances ``generator`` for train)."""
+        n = len(self.split.labels)
+        if not self.train:
+            return torch.arange(n), None
+        if self.weights is not None:  # balanced: inverse class frequency, with replacement
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        else:
+            order = torch.randperm(n, generator=self.generator)
+        return order, sample_params(self.recipe, self.split.sizes[order], self.image_size, self.generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, params = self.epoch_plan()
+        order_dev = order.to(self.device)
+        params_dev = params.to(self.device) if params is not None else None
+        bs = self.batch_size
+        sources = self._streamed(order) if self.pin_memory else None
+        try:
+            for start in range(0, len(order), bs):
+                idx = order_dev[start:start + bs]
+                src = self.split.pixels.index_select(0, idx) if sources is None else next(sources)
+                p = params_dev[start:start + bs] if params_dev is not None else None
+                images = self._finish(augment(self.recipe, src, p, self.image_size))
+                yield images, self.split.labels.index_select(0, idx)
+        finally:
+            if sources is not None:
+                sources.close()  # stops the stager thread, also when the consumer left early
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self._shift, x, self._scale)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _streamed(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Host cache -> device batches, gathered and copied ahead by a thread (``_Stager``)."""
+        stager = _Stager(self.split.pixels, order, self.batch_size, self.device)
+        try:
+            yield from stager
+        finally:
+            stager.close()
+
+
+class _Stager:
+    """Background thread: gather batch k+1.. into pinned buffers and copy them on a side stream.
+
+    Each yielded device tensor is made visible to the current stream (``wait_event``) and tied to it
+    (``record_stream``) so the allocator does not reuse its memory while queued kernels still read it.
+    A pinned buffer is rewritten only after its previous copy has finished (its event).
+    """
+
+    def __init__(self, pixels: torch.Tensor, order: torch.Tensor, batch_size: int, device: torch.device) -> None:
+        self.pixels, self.device = pixels, device
+        self.batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mltrack-cache-stager", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            stream = torch.cuda.Stream(self.device)
+            shape = (len(self.batches[0]),) + tuple(self.pixels.shape[1:]) if self.batches else (0,)
+            slots = [(torch.empty(shape, dtype=torch.uint8, pin_memory=True), [None]) for _ in range(PREFETCH + 1)]
+            for k, idx in enumerate(self.batches):
+                buf, done = slots[k % len(slots)]
+                if done[0] is not None:
+                    done[0].synchronize()  # its previous copy has left the buffer
+                staged = buf[:len(idx)]
+                torch.index_select(self.pixels, 0, idx, out=staged)
+                with torch.cuda.stream(stream):
+                    dev = torch.empty(staged.shape, dtype=torch.uint8, device=self.device)
+                    dev.copy_(staged, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                done[0] = event
+                if not self._put((dev, event)):
+                    return
+            self._put(_END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(err)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        current = torch.cuda.current_stream(self.device)
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            dev, event = item
+            current.wait_event(event)
+            dev.record_stream(current)
+            yield dev
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_cached_loaders(raw_dir: Path, samples: dict[str, list[tuple[str, int]]], *, mode: str, recipe: str,
+                         image_size: int, precrop_size: Optional[int], max_pixels: int, workers: int,
+                         batch_size: int, device: torch.device, generators: dict[str, torch.Generator],
+                         balanced_weights: Optional[torch.Tensor] = None, channels_last: bool = False,
+                         datasets: Optional[dict[str, Any]] = None) -> dict[str, CachedLoader]:
+    """Decode each split of ``samples`` once and wrap it in a :class:`CachedLoader`.
+
+    ``mode`` is ``gpu`` (pixels in ``device`` memory) or ``ram`` (host; pinned when ``device`` is CUDA).
+    ``generators[split]`` drives that split's loader (the train one is the checkpointed generator).
+    Raises the DataError of the first unreadable image.
+    """
+    on_host_pinned = mode == "ram" and device.type == "cuda"
+    out: dict[str, CachedLoader] = {}
+    for split, items in samples.items():
+        train = split == "train"
+        geom = geometry(recipe, image_size, train, precrop_size)
+        paths = [raw_dir.joinpath(*rel.split("/")) for rel, _ in items]
+        pixels, sizes = decode_split(paths, geom, max_pixels, workers, pin_memory=on_host_pinned)
+        if mode == "gpu":
+            pixels = pixels.to(device)
+        labels = torch.tensor([label for _, label in items], dtype=torch.int64, device=device)
+        out[split] = CachedLoader(
+            CachedSplit(pixels, sizes, labels), recipe, image_size, batch_size, device, train=train,
+            generator=generators[split], weights=balanced_weights if train else None,
+            channels_last=channels_last, num_workers=workers, dataset=(datasets or {}).get(split))
+    return out
