@@ -7,7 +7,8 @@ The largest absolute logit difference against torch (CPU, fp32) is logged as
 ``export/onnx/max_abs_logit_diff``. Tolerance: :data:`DEFAULT_TOLERANCE` = 1e-4 for fp32 - the two
 runtimes order float sums differently, which moves logits by ~1e-6; anything near 1e-4 means a
 different computation. Above it the export fails and no ``.onnx`` artifact is logged (only the
-parity report). The preprocessing is not part of the graph: ``export/onnx_model.json`` records it.
+parity report, under ``export/rejected/``). The preprocessing is not part of the graph:
+``export/onnx_model.json`` records it.
 """
 from __future__ import annotations
 
@@ -129,10 +130,11 @@ def export_onnx(run_id: str, *, data_dir: str | Path | None = None, tolerance: f
                              "passed": passed}, "versions": _versions(), "source_run": run_id}
         (out_dir / "onnx_model.json").write_text(json.dumps(report, indent=2))
         step = len(metric_history(run_id, METRIC))
-        files = [p for p in out_dir.iterdir() if passed or p.suffix == ".json"]
         tag = "passed" if passed else f"failed: max abs logit diff {diff:.3e} > {tolerance:.0e}"
-        log_to_run(run_id, {METRIC: diff}, step, tags={"mltrack.export.onnx": tag},
-                   artifacts=[(p, "export") for p in files])
+        # A rejected export leaves only its report, apart from an earlier accepted export/model.onnx.
+        artifacts = [(p, "export") for p in out_dir.iterdir()] if passed else \
+            [(out_dir / "onnx_model.json", "export/rejected")]
+        log_to_run(run_id, {METRIC: diff}, step, tags={"mltrack.export.onnx": tag}, artifacts=artifacts)
         local = None
         if passed and output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)

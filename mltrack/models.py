@@ -8,7 +8,7 @@ Weights policy (``model.weights``):
 - ``none``: random init, built with the head sized to the dataset.
 - ``DEFAULT`` or an enum member name (``IMAGENET1K_V1``): torchvision weights, read only from the local
   hub cache (this platform runs offline) with ``torch.load(weights_only=True)``. torchvision's own loader
-  uses ``weights_only=False`` on the cached file, so we rebuild the architecture and load it ourselves.
+  unpickles the cached file without the weights-only guard, so we rebuild the architecture and load it ourselves.
 - a ``.pth`` / ``.pt`` path: a state dict (or an mltrack checkpoint holding one under ``"model"``); a head
   of a different size is replaced, any other mismatch is a UserError.
 """

@@ -297,12 +297,13 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
                             device.type)
     log.info("Dataset sizes: %s", loaders.sizes)
     trainer = build_trainer(cfg.training, device)
-    model = build_model(cfg.model, len(class_names))
+    model = build_model(cfg.model, len(class_names), image_size=cfg.data.image_size)
     optimizer = build_optimizer(cfg.optimizer, model)  # the module: decay is skipped for biases and norms
     model, optimizer, loader_map = trainer.prepare(
         model, optimizer, {"train": loaders.train, "val": loaders.val, "test": loaders.test})
     steps = max(1, -(-len(loader_map["train"]) // cfg.training.gradient_accumulation_steps))
-    schedule = build_scheduler(cfg.scheduler, optimizer, cfg.training.num_epochs, steps, cfg.optimizer.lr)
+    schedule = build_scheduler(cfg.scheduler, optimizer, cfg.training.num_epochs, steps, cfg.optimizer.lr,
+                               mode=cfg.training.monitor_mode)
     weights = class_weights(cfg, loaders.datasets["train"].targets, len(class_names)).to(device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.training.label_smoothing)
     ctx = FitContext(cfg, trainer.compile(model), optimizer, schedule, trainer, loader_map, loss_fn, class_names,

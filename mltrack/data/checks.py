@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,8 @@ def check_dataset(
         files[name], skipped = ([], []) if name in escaped else scan_class(raw_dir, name)
         ignored.extend(skipped)
     every = [rel for rels in files.values() for rel in rels]
-    bad = {rel: why for rel in every if (why := relpath_problem(raw_real, names, rel))}
+    dir_cache: dict[str, str] = {}
+    bad = {rel: why for rel in every if (why := relpath_problem(raw_real, names, rel, dir_cache))}
     infos, decoded, cached = _inspect_all(raw_dir, [r for r in every if r not in bad], max_pixels, use_cache)
     bad.update({rel: info["verdict"] for rel, info in infos.items() if info["verdict"]})
     if quarantine:
@@ -283,7 +285,7 @@ def _inspect_all(
     manifest_path = raw_dir.parent / MANIFEST_FILE
     old = _load_manifest(manifest_path, max_pixels) if use_cache else {}
     infos: dict[str, dict[str, Any]] = {}
-    decoded = 0
+    decoded = cached = 0
     for rel in rels:
         path = raw_dir.joinpath(*rel.split("/"))
         try:
@@ -293,7 +295,9 @@ def _inspect_all(
             continue
         key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         entry = old.get(rel)
-        if not (isinstance(entry, dict) and entry.get("key") == key and "verdict" in entry):
+        if _usable_entry(entry, key):
+            cached += 1
+        else:
             entry = {"key": key, **_inspect(path, max_pixels)}
             decoded += 1
         infos[rel] = entry
@@ -303,7 +307,16 @@ def _inspect_all(
             _write_atomic(manifest_path, json.dumps(data, sort_keys=True).encode())
         except OSError as err:  # a read-only dataset still gets checked, just not cached
             log.debug("cannot write %s: %s", manifest_path, err)
-    return infos, decoded, len(rels) - decoded
+    return infos, decoded, cached
+
+
+def _usable_entry(entry: Any, key: list[int]) -> bool:
+    """A manifest entry for this exact file state, with every field a later step reads."""
+    if not isinstance(entry, dict) or entry.get("key") != key or "verdict" not in entry:
+        return False
+    if entry["verdict"] is not None:
+        return isinstance(entry["verdict"], str)
+    return isinstance(entry.get("sha256"), str) and "dhash" in entry and isinstance(entry.get("rgb"), list)
 
 
 def _load_manifest(path: Path, max_pixels: int) -> dict[str, Any]:
@@ -382,9 +395,10 @@ def _file_findings(report: CheckReport, files: dict[str, list[str]], escaped: se
     _add_capped(report, "error", "class_outside_raw",
                 [f"class directory '{n}' resolves outside {report.raw_dir} (symlink); move its images into raw/"
                  for n in sorted(escaped)])
-    _add_capped(report, "error", "bad_file",
-                [f"bad file {r}: {w}" for r, w in sorted(bad.items()) if r not in quarantined])
-    _add_capped(report, "info", "quarantined", [f"quarantined {r}: {w}" for r, w in sorted(quarantined.items())])
+    # Every bad or quarantined file is listed, however many: that list is what the check is for.
+    report.findings += [Finding("error", "bad_file", f"bad file {r}: {w}") for r, w in sorted(bad.items())
+                        if r not in quarantined]
+    report.findings += [Finding("info", "quarantined", f"quarantined {r}: {w}") for r, w in sorted(quarantined.items())]
     usable = report.usable
     for name, rels in files.items():
         usable[name] = [r for r in rels if r not in bad and r not in quarantined]
@@ -411,8 +425,9 @@ def _duplicates(report: CheckReport, usable: dict[str, list[str]], infos: dict[s
         for rel in rels:
             by_hash.setdefault(infos[rel]["sha256"], []).append(rel)
     groups = sorted(sorted(g) for g in by_hash.values() if len(g) > 1)
-    cross = [g for g in groups if len({r.split("/", 1)[0] for r in g}) > 1]
-    report.duplicate_groups = [g for g in groups if g not in cross]
+    crosses = [len({r.split("/", 1)[0] for r in g}) > 1 for g in groups]
+    cross = [g for g, c in zip(groups, crosses) if c]
+    report.duplicate_groups = [g for g, c in zip(groups, crosses) if not c]
     _add_capped(report, "error", "cross_class_duplicate",
                 [f"identical bytes in different classes (label conflict): {' = '.join(g)}" for g in cross])
     _add_capped(report, "info", "duplicate",
@@ -440,7 +455,9 @@ def _imbalance(report: CheckReport, limit: float) -> None:
 def _read_split(path: Path, raw_real: str, names: list[str], known: set[str], report: CheckReport) -> list[str]:
     """The valid lines of one index file; invalid ones become one error finding with line numbers."""
     rels, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:  # read exactly as read_index does
+        lines = [raw_line.rstrip("\r\n") for raw_line in fh]
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         # A listed file was validated by the scan (its problem, if any, is in report.bad); only other
@@ -496,14 +513,15 @@ def _overlap(report: CheckReport, a: list[str], b: list[str], what: str, infos: 
     """Error findings for paths and for contents (sha256) present in both ``a`` and ``b``."""
     same = sorted(set(a) & set(b))
     if same:
-        report.findings.append(Finding("error", "leak_path", f"leak: {what} share {len(same)} path(s): {_listing(same)}"))
+        report.findings.append(Finding("error", "leak_path",
+                                       f"leak: {what} share {len(same)} path(s): {_listing(same)}"))
     by_hash: dict[str, list[str]] = {}
     for rel in set(b) - set(same):
         by_hash.setdefault(infos[rel]["sha256"], []).append(rel)
     pairs = [f"{x} = {y}" for x in sorted(set(a) - set(same)) for y in sorted(by_hash.get(infos[x]["sha256"], []))]
     if pairs:
-        report.findings.append(Finding("error", "leak_content",
-                                       f"leak: {what} share {len(pairs)} identical image(s) by content: {_listing(pairs)}"))
+        report.findings.append(Finding("error", "leak_content", f"leak: {what} share {len(pairs)} identical "
+                                       f"image(s) by content: {_listing(pairs)}"))
 
 
 def _check_splits(report: CheckReport, names: list[str], known: set[str], usable: dict[str, list[str]],
@@ -543,7 +561,8 @@ def _check_splits(report: CheckReport, names: list[str], known: set[str], usable
 def _split_counts(report: CheckReport, names: list[str], test: list[str], trains: list[list[str]],
                   vals: list[list[str]]) -> None:
     def count(rels: list[str]) -> dict[str, int]:
-        return {n: sum(r.split("/", 1)[0] == n for r in rels) for n in names}
+        found = Counter(r.split("/", 1)[0] for r in rels)
+        return {n: found[n] for n in names}
 
     report.split_counts["test"] = count(test)
     for k, (train, val) in enumerate(zip(trains, vals)):
@@ -560,7 +579,7 @@ def _split_counts(report: CheckReport, names: list[str], test: list[str], trains
 
 def _near_duplicates(report: CheckReport, usable: dict[str, list[str]], infos: dict[str, dict[str, Any]],
                      roles: dict[str, str]) -> None:
-    """Pairs of usable files (one per byte-identical group) whose dHash differs in <= NEAR_DUP_BITS bits (and similar colour).
+    """Pairs of usable files (one per byte-identical group) with dHashes <= NEAR_DUP_BITS apart and similar colour.
 
     Warning when the pair crosses classes (a label question) or crosses splits (test vs train pool, or two
     folds' val sets: a leak that byte hashes cannot see); pairs inside one class and split are only counted.
@@ -610,12 +629,13 @@ def _close_pairs(rels: list[str], infos: dict[str, dict[str, Any]]) -> list[tupl
     step = max(1, 2_000_000 // n)
     out: list[tuple[str, str, int]] = []
     for start in range(0, n, step):
-        dist = np.bitwise_count(hashes[start:start + step, None] ^ hashes[None, :])
+        # Only columns from ``start`` on: the pairs before were compared by an earlier block.
+        dist = np.bitwise_count(hashes[start:start + step, None] ^ hashes[None, start:])
         rows, cols = np.nonzero(dist <= NEAR_DUP_BITS)
-        rows = rows + start
         keep = cols > rows
-        rows, cols = rows[keep], cols[keep]
+        bits = dist[rows[keep], cols[keep]]
+        rows, cols = rows[keep] + start, cols[keep] + start
         near_colour = np.abs(colours[rows] - colours[cols]).max(axis=1) <= NEAR_DUP_COLOUR
-        for i, j in zip(rows[near_colour].tolist(), cols[near_colour].tolist()):
-            out.append((rels[i], rels[j], int(dist[i - start, j])))
+        for i, j, d in zip(rows[near_colour].tolist(), cols[near_colour].tolist(), bits[near_colour].tolist()):
+            out.append((rels[i], rels[j], int(d)))
     return out

@@ -79,6 +79,20 @@ def is_inside(raw_real: str, path: str | os.PathLike[str]) -> bool:
     return real != raw_real and os.path.commonpath([real, raw_real]) == raw_real
 
 
+def _resolve(path: str, dir_cache: dict[str, str] | None) -> str:
+    """``os.path.realpath(path)``; with a cache, the parent directory is resolved once for all its files.
+
+    Equal to realpath because the last component is resolved separately when it is a link, and '..'
+    components were refused before.
+    """
+    if dir_cache is None or os.path.islink(path):
+        return os.path.realpath(path)
+    head, tail = os.path.split(path)
+    if head not in dir_cache:
+        dir_cache[head] = os.path.realpath(head)
+    return os.path.join(dir_cache[head], tail)
+
+
 def _has_image(raw_dir: Path, class_name: str, skip: Collection[str]) -> bool:
     """True as soon as one image file not in ``skip`` is found under the class (stops early on large classes)."""
     top = Path(raw_dir) / class_name
@@ -121,11 +135,14 @@ def iter_class_images(raw_dir: Path, class_name: str, include_quarantined: bool 
     yield from (rel for rel in found if rel not in skip)
 
 
-def relpath_problem(raw_real: str, classes: Collection[str], rel: str) -> str | None:
+def relpath_problem(
+    raw_real: str, classes: Collection[str], rel: str, dir_cache: dict[str, str] | None = None
+) -> str | None:
     """Why ``rel`` is not a safe image path under ``raw_real`` (a realpath), or None if it is.
 
     Pure string checks come first; only then ``os.path.realpath``/``isfile`` (link reads and stat,
-    no open) confirm the target stays inside ``raw_real`` and exists.
+    no open) confirm the target stays inside ``raw_real`` and exists. ``dir_cache`` (directory ->
+    its realpath, filled here) lets a caller validating many files resolve each directory once.
     """
     if not rel:
         return "empty path"
@@ -151,7 +168,7 @@ def relpath_problem(raw_real: str, classes: Collection[str], rel: str) -> str | 
     if not is_image_file(parts[-1]):
         return "not an image file name (hidden or unsupported suffix)"
     real = os.path.join(raw_real, *parts)
-    if not is_inside(raw_real, real):
+    if not is_inside(raw_real, _resolve(real, dir_cache)):
         return "resolves outside raw/ (symlink)"
     if not os.path.isfile(real):
         return "file not found"

@@ -134,7 +134,7 @@ class AccelerateTrainer(Trainer):
     # -- per epoch / resume ------------------------------------------------------------------
     def extra_params(self) -> dict[str, Any]:
         return {"accelerate.num_processes": self.world_size, "accelerate.mixed_precision": self.mixed_precision,
-                "accelerate.distributed_type": str(self.accelerator.distributed_type)}
+                "accelerate.distributed_type": self.accelerator.distributed_type.value}
 
     def state_dict(self) -> dict[str, Any]:
         """World size and precision for the record, plus the fp16 GradScaler (GPU only) when there is one.

@@ -31,10 +31,11 @@ and costs no privacy. Per-sample clipping is ``training.dp.max_grad_norm``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -222,6 +223,19 @@ class DPTrainer(Trainer):
         return getattr(model, "_module", model)
 
     # -- per batch ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """fp32 (no autocast); wraps the forward pass, so Opacus' in-place failure becomes a clear ConfigError."""
+        try:
+            yield
+        except RuntimeError as err:
+            if "BackwardHookFunction" not in str(err):
+                raise
+            # grad_sample_mode "hooks" vs in-place ops on hooked outputs (e.g. torchvision ResNet/MobileNet blocks).
+            raise ConfigError(f"Opacus grad_sample_mode '{self.grad_sample_mode}' cannot handle this model's "
+                              f"in-place operations ({str(err).split('.')[0]}); set training.dp.grad_sample_mode: "
+                              "ew") from None
+
     def backward(self, loss: torch.Tensor) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_HOOK_WARNING)

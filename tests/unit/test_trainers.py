@@ -203,13 +203,16 @@ def test_accelerate_gather_counts_every_sample_once() -> None:
     cfg = _cfg("training.trainer_type=accelerate")
     trainer = build_trainer(cfg.training, CPU)
     val = DataLoader(TensorDataset(torch.arange(7.0), torch.arange(7)), batch_size=4)
-    _, _, loaders = trainer.prepare(TinyConv(), torch.optim.SGD(TinyConv().parameters(), lr=0.1),
-                                    {"train": _tensor_loader(8, 4), "val": val, "test": None})
+    train = _tensor_loader(8, 4)
+    model = TinyConv()
+    _, _, loaders = trainer.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    {"train": train, "val": val, "test": None})
     seen = [trainer.gather(x, y)[1] for x, y in loaders["val"]]
     assert torch.cat(seen).tolist() == list(range(7))
     plain = [trainer.gather(x, y)[1] for x, y in val]
     assert torch.cat(plain).tolist() == list(range(7))
-    assert loaders["train"].generator is not None
+    # The seeded generator survives prepare: checkpoints save, and resume restores, the one that shuffles.
+    assert loaders["train"].generator is train.generator
     trainer.end()
 
 
