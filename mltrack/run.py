@@ -80,6 +80,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def prepare_data(cfg: RunConfig) -> tuple[list[str], str]:
     """Check the dataset and splits; return (class names, split digest). Creates digits when it is the default."""
+    from mltrack.data.checks import check_for_run
     from mltrack.data.demo import ensure_digits
     from mltrack.data.index import class_names, read_index
     from mltrack.data.splits import split_digest
@@ -100,6 +101,9 @@ def prepare_data(cfg: RunConfig) -> tuple[list[str], str]:
         )
     for split in ("train", "val", "test"):
         read_index(data_dir, split, cfg.data.fold)  # validates paths; missing file -> the guide's message
+    # Every file decoded (cached by stat in <data_dir>/.mltrack_check.json), splits checked for leakage:
+    # a bad file or a leak ends here with exit 2, before any MLflow run exists.
+    check_for_run(data_dir, cfg.data.max_image_pixels)
     return names, split_digest(data_dir / "splits", cfg.data.fold)
 
 
@@ -402,6 +406,13 @@ def _log_run_inputs(s: Session, trainer: Any, sizes: dict[str, int]) -> None:
         for name in (f"fold_{cfg.data.fold}_train.txt", f"fold_{cfg.data.fold}_val.txt", "test.txt"):
             shutil.copyfile(splits / name, target / name)
         tracker.log_artifacts(target, "splits")
+        from mltrack.data.checks import check_dataset, write_report
+
+        data_dir = Path(cfg.data.data_dir)  # stats only: prepare_data's check just refreshed the manifest
+        report = check_dataset(data_dir / "raw", data_dir / "splits", cfg.data.max_image_pixels)
+        tracker.log_params(report.params())
+        write_report(report, run_dir / "data")
+        tracker.log_artifacts(run_dir / "data", "data")
     if s.resume is not None and s.resume.drift and not s.new_run:
         n = s.resume.resume_count
         path = run_dir / "config" / f"resume_{n}.yaml"

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,7 +32,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from mltrack.config import RunConfig, replace
-from mltrack.console import get_logger
+from mltrack.console import get_logger, setup_logging
 from mltrack.errors import CheckpointError, ConfigError, UserError
 from mltrack.search_space import (STUDY_RUN_ATTR, AskLock, SearchOptions, SearchResult, apply_params, ask_lock_path,
                                   check_workers, grid, grid_size, install_stop_handler, journal_path, open_study_run,
@@ -344,9 +345,13 @@ class Objective:
                     "mltrack.trainer_type": cfg.training.trainer_type,
                     "mltrack.folds": ",".join(map(str, self.opts.folds))}
         old = previous.get(RUN_ATTR)
-        tracker = Tracker.start(cfg.tracking.experiment_name or cfg.data.dataset_name,
-                                f"{self.opts.study_name}_trial_{trial.number}", run_tags, resume_run_id=old,
-                                parent_run_id=self.study_run_id, spool_dir=Path(cfg.tracking.runs_dir) / ".tracking")
+        start = partial(Tracker.start, cfg.tracking.experiment_name or cfg.data.dataset_name,
+                        f"{self.opts.study_name}_trial_{trial.number}", run_tags, parent_run_id=self.study_run_id,
+                        spool_dir=Path(cfg.tracking.runs_dir) / ".tracking")
+        try:
+            tracker = start(resume_run_id=old)
+        except CheckpointError:  # the lost trial's run was deleted meanwhile
+            old, tracker = None, start()
         trial.set_user_attr(RUN_ATTR, tracker.run_id)
         if old is None:
             tracker.log_params({**params, "search.folds": run_tags["mltrack.folds"]})
@@ -376,9 +381,11 @@ def resume_point(run_id: Optional[str]) -> Any:
 # ---------------------------------------------------------------- workers
 
 
-def run_worker(cfg: RunConfig, opts: SearchOptions, study_run_id: str, worker_index: int = 0) -> int:
+def run_worker(cfg: RunConfig, opts: SearchOptions, study_run_id: str, worker_index: int = 0,
+               log_file: Optional[Path] = None) -> int:
     """Join the study and run trials until it has ``trial_target`` finished ones, the timeout passes or a
-    stop is requested; returns how many trials this worker ran.
+    stop is requested; returns how many trials this worker ran. Between trials the console log goes to
+    ``log_file`` (each trial's run logs to its own ``train.log``).
 
     "Check the budget, then ask" runs under a per-host file lock, so workers of one host never start
     more trials than the target. While the rest of the budget is running elsewhere the worker waits
@@ -401,7 +408,10 @@ def run_worker(cfg: RunConfig, opts: SearchOptions, study_run_id: str, worker_in
             can_start = now["WAITING"] > 0 or now["done"] + now["RUNNING"] < target
             if can_start:
                 objective.on_start = lock.release
-                _one_trial(study, storage, objective)
+                try:
+                    _one_trial(study, storage, objective)
+                finally:
+                    setup_logging(log_file, os.environ.get("MLTRACK_LOG_LEVEL", "INFO"))
         if not can_start:
             time.sleep(POLL_S)
             continue
@@ -428,9 +438,11 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, object
 def run_worker_from_spec(spec_path: str, worker_index: int) -> int:
     """Entry point of a worker process (``mltrack search --worker <spec>``)."""
     cfg, opts, study_run_id = read_worker_spec(spec_path)
+    log_file = Path(cfg.tracking.runs_dir) / f"study_{opts.study_name}" / "logs" / f"worker_{worker_index}_{os.getpid()}.log"
+    setup_logging(log_file, os.environ.get("MLTRACK_LOG_LEVEL", "INFO"))
     previous = install_stop_handler()
     try:
-        return run_worker(cfg, opts, study_run_id, worker_index)
+        return run_worker(cfg, opts, study_run_id, worker_index, log_file)
     finally:
         restore_stop_handler(previous)
 
@@ -451,6 +463,8 @@ def run_search(cfg: RunConfig, opts: SearchOptions) -> SearchResult:
     tracker, study_dir = open_study_run(cfg, opts, study.user_attrs.get(STUDY_RUN_ATTR))
     study.set_user_attr(STUDY_RUN_ATTR, tracker.run_id)
     os.environ.pop("MLFLOW_RUN_ID", None)  # inside `mlflow run` that run is the study run; trials are children
+    log_file = study_dir / "logs" / "search.log"
+    setup_logging(log_file, os.environ.get("MLTRACK_LOG_LEVEL", "INFO"))
     now = counts(study)
     log.info("study %s (%s): %d of %d trials finished; study run %s", opts.study_name,
              redact_storage(opts.storage), now["done"], trial_target(opts), tracker.run_id)
@@ -458,10 +472,11 @@ def run_search(cfg: RunConfig, opts: SearchOptions) -> SearchResult:
     status, reason, codes = "FAILED", "exception", [0]
     try:
         if opts.workers == 1:
-            run_worker(cfg, opts, tracker.run_id)
+            run_worker(cfg, opts, tracker.run_id, log_file=log_file)
         else:
             codes = run_worker_processes(cfg, opts, tracker.run_id, study_dir)
         result = summarize(study, cfg, opts, tracker, study_dir)
+        tracker.log_artifacts(study_dir / "logs", "logs")
         status, reason = ("KILLED", stop_requested()) if stop_requested() else ("FINISHED", None)
     except SystemExit:
         status, reason = "KILLED", stop_requested() or "interrupted"

@@ -197,18 +197,19 @@ def check_dataset(
     return report
 
 
-def check_for_run(data_dir: Path, max_pixels: int) -> CheckReport:
+def check_for_run(data_dir: Path, max_pixels: int, *, log_warnings: bool = True) -> CheckReport:
     """The check a training run does before it opens its MLflow run: ``data_dir/raw`` plus ``data_dir/splits``.
 
     Raises DataError listing the errors (bad files, label conflicts, leaks) with the fix; logs the warnings
-    (:func:`warning_lines`) on the ``mltrack`` logger. Fast for an unchanged dataset (manifest).
+    (:func:`warning_lines`) on the ``mltrack`` logger unless ``log_warnings`` is False (callers that check
+    the same data again, e.g. each fold of a cv). Fast for an unchanged dataset (manifest).
     """
     data_dir = Path(data_dir)
     splits = data_dir / "splits"
     report = check_dataset(data_dir / "raw", splits if splits.is_dir() else None, max_pixels)
     if not report.ok:
         raise DataError(failure_message(report))
-    for line in warning_lines(report):
+    for line in warning_lines(report) if log_warnings else []:
         log.warning("data check: %s", line)
     return report
 

@@ -300,6 +300,9 @@ def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
         "train/img_per_s": n / max(elapsed, 1e-9),
         "lr": sums.lr,
     }
+    if trainer.device.type == "cuda":  # peak since the previous epoch, for the memory column of the README
+        metrics["gpu/peak_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     return metrics, cm.cpu()
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from mltrack.config import DataConfig, load_config
-from mltrack.data.cache import (CachedLoader, CachedSplit, decode_split, geometry, resolve_cache_mode,
+from mltrack.data.cache import (DECODE_CHUNK, CachedLoader, CachedSplit, decode_split, geometry, resolve_cache_mode,
                                 sample_params)
 from mltrack.data.loaders import build_loaders
 from mltrack.data.splits import make_splits
@@ -47,7 +47,7 @@ def _dataset(root: Path, per_class: int = 6, folds: int = 2) -> Path:
     for c in range(2):
         (root / "raw" / f"c{c}").mkdir(parents=True)
         for j in range(per_class):
-            img = _smooth_image(100 * c + j, 30 + 7 * j, 22 + 5 * (j % 3))
+            img = _smooth_image(100 * c + j, 30 + 7 * (j % 6), 22 + 5 * (j % 3))
             img.save(root / "raw" / f"c{c}" / (f"i{j}.jpg" if j % 2 else f"i{j}.png"))
     make_splits(root / "raw", root / "splits", folds=folds, test_fraction=0.2)
     return root
@@ -214,8 +214,13 @@ def test_params_are_drawn_only_from_the_generator() -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_files_are_rejected_while_building_the_cache(workers: int, tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "ds", per_class=20, folds=2)  # > 32 train images: the pool path has 2+ chunks
+    data = _dataset(tmp_path / "ds", per_class=45, folds=2)
     train = (data / "splits" / "fold_0_train.txt").read_text().split()
+    assert len(train) > DECODE_CHUNK  # several pool tasks; the bad files sit in the first and the last
+    if workers:  # the pool returns what in-process decoding does, in order
+        paths = [data / "raw" / rel for rel in train]
+        pooled, in_process = (decode_split(paths, ("square", 9), 10**6, w) for w in (workers, 0))
+        assert all(torch.equal(a, b) for a, b in zip(pooled, in_process))
     big = data / "raw" / train[-1]
     Image.new("RGB", (400, 300)).save(big, format="PNG" if big.suffix == ".png" else "JPEG")
     with pytest.raises(DataError, match=re.escape(big.name) + r": image size 400x300 .*decompression-bomb limit"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -295,7 +296,7 @@ def _imbalanced(tmp_path: Path, counts: dict[str, int]) -> Path:
     return raw
 
 
-def test_imbalance_small_classes_and_labels(tmp_path):
+def test_imbalance_small_classes_and_labels(tmp_path, caplog):
     raw = _imbalanced(tmp_path, {"a": 40, "b": 8, "c": 3})
     report = check_dataset(raw)
     assert ("WARNING class imbalance: largest/smallest = 40/3 = 13.3 > 10 ('a' vs 'c'); consider "
@@ -314,6 +315,12 @@ def test_imbalance_small_classes_and_labels(tmp_path):
     checked = check_dataset(raw, splits)
     assert checked.ok and all(checked.split_counts[f"fold_{k}_train"]["c"] >= 1 for k in range(5))
     assert "WARNING fold 0 val has no image of class 'c'" in checked.lines()
+    with caplog.at_level(logging.WARNING, logger="mltrack"):
+        check_for_run(raw.parent, 40_000_000)  # what a training run logs: each kind of warning, capped
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("data check: class imbalance: largest/smallest = 40/3") for m in logged)
+    assert "data check: fold 0 val has no image of class 'c'" in logged  # c's 2 pool images: val of 2 folds
+    assert len([m for m in logged if m.endswith("val has no image of class 'c'")]) == 3 and len(logged) == 4
 
 
 def test_empty_class_directory_is_an_error(tiny_dataset):

@@ -335,3 +335,31 @@ def test_dp_refuses_balanced_sampler(tiny_dataset: Callable[..., Path]) -> None:
 def test_dp_refuses_gradient_accumulation() -> None:
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         build_trainer(_dp_cfg("training.gradient_accumulation_steps=2").training, CPU)
+
+
+def test_dp_torchvision_model_gets_ew_mode_and_steps() -> None:
+    """resnet18: 20 BatchNorms replaced; "ew" chosen (Opacus' default "hooks" fails on its in-place ops)."""
+    from mltrack.models import build_model
+
+    cfg = _dp_cfg("model.architecture=resnet18", "training.batch_size=2")
+    ctx = _context(cfg, build_model(cfg.model, 3), _tensor_loader(4, 2, size=16))
+    assert ctx.trainer.grad_sample_mode == "ew" and len(ctx.trainer.replaced) == 20
+    images, targets = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    with ctx.trainer.autocast():
+        loss = nn.functional.cross_entropy(ctx.model(images), targets)
+    ctx.trainer.backward(loss)
+    fc = ctx.trainer.unwrap(ctx.model).fc.weight.detach().clone()
+    assert ctx.trainer.optimizer_step(ctx.model, ctx.optimizer) and ctx.trainer.steps() == 1
+    assert not torch.equal(fc, ctx.trainer.unwrap(ctx.model).fc.weight)
+
+
+def test_dp_hooks_mode_on_in_place_ops_is_a_config_error() -> None:
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 3))
+
+    with pytest.raises(ConfigError, match="grad_sample_mode: ew"):
+        train_epoch(_context(_dp_cfg("training.batch_size=4"), model(), _tensor_loader(16, 4)))
+    metrics, _ = train_epoch(_context(_dp_cfg("training.batch_size=4", "training.dp.grad_sample_mode=ew"), model(),
+                                      _tensor_loader(16, 4)))
+    assert math.isfinite(metrics["train/loss"])
