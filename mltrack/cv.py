@@ -69,7 +69,8 @@ def choose_folds(cfg: RunConfig, requested: list[int] | None) -> list[int]:
     fails before any MLflow run exists."""
     from mltrack.run import prepare_data
 
-    prepare_data(cfg)  # creates the digits demo data when it is the default, checks raw/ and fold data.fold
+    # Creates the digits demo data when it is the default and checks raw/; data.fold itself plays no role here.
+    prepare_data(replace(cfg, **{"data.fold": 0}))
     available = available_folds(Path(cfg.data.data_dir))
     if not available:
         raise DataError(f"no fold index files in {Path(cfg.data.data_dir) / 'splits'}; run mltrack split first")

@@ -27,7 +27,7 @@ import torch
 from mltrack import checkpoint
 from mltrack.config import RunConfig, to_yaml
 from mltrack.console import get_logger, setup_logging, success
-from mltrack.errors import DataError, UserError
+from mltrack.errors import CheckpointError, DataError, UserError
 from mltrack.resume import ResumePoint, check_compatible
 from mltrack.trainers.loop import FitContext, FitState, Interrupted, NonFiniteLossError, StopTraining, fit
 
@@ -426,7 +426,11 @@ def _log_run_inputs(s: Session, trainer: Any, sizes: dict[str, int]) -> None:
 def _restore(ctx: FitContext, point: ResumePoint, generator: torch.Generator) -> None:
     """Model, optimizer, schedule, trainer (scaler / DP accountant), progress and every RNG, exactly."""
     state = point.state
-    ctx.trainer.unwrap(ctx.model).load_state_dict(state["model"])  # strict: shapes were checked
+    try:
+        ctx.trainer.unwrap(ctx.model).load_state_dict(state["model"])  # strict, never strict=False
+    except RuntimeError as err:
+        raise CheckpointError(f"cannot resume from {point.uri}: its weights do not fit model "
+                              f"'{ctx.cfg.model.architecture}' ({str(err).splitlines()[0][:300]})") from None
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.schedule.load_state_dict(state["scheduler"])
     ctx.trainer.load_state_dict(state["trainer"])

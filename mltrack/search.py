@@ -15,6 +15,7 @@ the same params; the retry continues the lost trial's MLflow run from its last c
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import statistics
@@ -75,7 +76,7 @@ def open_storage(opts: SearchOptions) -> optuna.storages.BaseStorage:
                                           heartbeat_stale_trial_callback=retry_lost_trial)
     except ModuleNotFoundError as err:
         raise UserError(f"cannot open Optuna storage {redact_storage(opts.storage)}: the database driver is "
-                        f"missing ({err}); for PostgreSQL: pip install psycopg2-binary") from None
+                        f"missing ({err}); for postgresql:// URLs: pip install 'psycopg[binary]'") from None
     except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind mean "unreachable"
         raise UserError(f"cannot open Optuna storage {redact_storage(opts.storage)}: {str(err).splitlines()[0]}"
                         ) from None
@@ -90,6 +91,8 @@ def make_sampler(opts: SearchOptions, worker_index: int = 0) -> optuna.samplers.
     if opts.sampler == "grid":
         return optuna.samplers.GridSampler(grid(opts.space), seed=seed)
     if opts.sampler == "cmaes":
+        if importlib.util.find_spec("cmaes") is None:
+            raise UserError("--sampler cmaes needs the cmaes package: pip install 'mltrack-platform[search]'")
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     raise ConfigError(f"unknown --sampler '{opts.sampler}' (tpe, random, grid, cmaes)")
 
@@ -141,11 +144,12 @@ def counts(study: optuna.Study) -> dict[str, int]:
 # ---------------------------------------------------------------- lost trials
 
 
-def retry_lost_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Called once per lost trial (already FAIL): close its MLflow runs as FAILED, re-queue it once."""
-    log.warning("trial %d lost its worker (%s): marked FAIL; retrying it once with the same params",
-                trial.number, trial.user_attrs.get("mltrack.worker", "unknown worker"))
-    close_orphan_runs(trial.user_attrs, "worker lost: no heartbeat within the grace period")
+def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbeat within the grace period") -> None:
+    """Called once per lost trial (already FAIL; by Optuna's heartbeat check or by :func:`fail_and_retry`):
+    close its MLflow runs still RUNNING as FAILED, then re-queue it once with the same params."""
+    log.warning("trial %d (worker %s) marked FAIL: %s; retrying it once with the same params", trial.number,
+                trial.user_attrs.get("mltrack.worker", "unknown"), why)
+    close_orphan_runs(trial.user_attrs, f"worker lost: {why}")
     RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)(study, trial)
 
 
@@ -171,8 +175,7 @@ def fail_and_retry(study: optuna.Study, storage: optuna.storages.BaseStorage, nu
             return False
     except UpdateFinishedTrialError:
         return False
-    log.warning("trial %d: %s", number, reason)
-    retry_lost_trial(study, storage.get_trial(trial_id))
+    retry_lost_trial(study, storage.get_trial(trial_id), reason)
     return True
 
 

@@ -263,8 +263,9 @@ def normalization(recipe: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def augment(recipe: str, src: torch.Tensor, params: Optional[torch.Tensor], image_size: int) -> torch.Tensor:
     """Float 0..255 pixels of one batch after the recipe's geometry (``params`` None: eval, identity).
 
-    ``src`` is (B, 3, side, side) uint8 or float on the device that computes; ``params`` rows as from
-    :func:`sample_params`, on the same device.
+    ``src`` is (B, 3, H, W) uint8 or float on the device that computes (square for digits; any size for
+    imagenet, whose crop boxes are fractions of the image); ``params`` rows as from :func:`sample_params`,
+    on the same device.
     """
     x = src.float()
     if params is None or recipe == "none":
@@ -272,9 +273,9 @@ def augment(recipe: str, src: torch.Tensor, params: Optional[torch.Tensor], imag
     if recipe == "imagenet":
         from torchvision.ops import roi_align
 
-        side = x.shape[-1]
+        height, width = x.shape[-2:]
         index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
-        box = params[:, :4].to(x.dtype) * side
+        box = params[:, :4].to(x.dtype) * torch.tensor([width, height, width, height], device=x.device, dtype=x.dtype)
         rois = torch.cat([index, box[:, :2], box[:, :2] + box[:, 2:]], 1)
         x = roi_align(x, rois, (image_size, image_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         return _flip(x, params[:, 4])

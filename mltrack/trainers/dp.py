@@ -1,20 +1,23 @@
 """The ``dp`` trainer: DP-SGD with Opacus (Poisson sampling, per-sample clipping, Gaussian noise, an accountant).
 
-What ``prepare`` does, in order, and why:
+What the trainer does, in order, and why:
 
-1. Refuses what would be mis-accounted or meaningless, before anything is built: a train sampler other
-   than plain shuffle/sequential (Opacus replaces it with Poisson sampling, so a balanced sampler would be
-   silently dropped), ``target_delta >= 1/N`` (N = training samples) and gradient accumulation
+1. Refuses what would be mis-accounted, before anything is built. In ``__init__``: gradient accumulation
    (Opacus forbids accumulating per-sample gradients under Poisson sampling; virtual steps exist only
    through its BatchMemoryManager, which splits one Poisson batch, not several - raise
-   ``training.batch_size`` instead: it is the *expected* Poisson batch size).
+   ``training.batch_size`` instead: it is the *expected* Poisson batch size) and class weights (a weighted
+   mean makes each sample's gradient depend on the others'). In ``prepare``: a train sampler other than
+   plain shuffle/sequential (Opacus replaces it with Poisson sampling, so a balanced sampler would be
+   silently dropped) and ``target_delta >= 1/N`` (N = training samples).
 2. Replaces layers DP cannot handle (BatchNorm mixes samples) with ``ModuleValidator.fix`` (GroupNorm),
    logs every replacement and rebuilds the optimizer over the new parameters (same class, same groups and
    hyper-parameters, matched by parameter name). Remaining validator errors (e.g. a model in eval mode)
    become a ConfigError that lists them.
-3. Chooses ``grad_sample_mode``: the configured one, except that for torchvision models with the mode left
-   at its default it uses "ew" - Opacus' default "hooks" fails on torchvision ResNet/MobileNet after the
-   fix (in-place adds/ReLUs on hooked outputs), "ew" trains them; our ``small_cnn`` works in both.
+3. Chooses ``grad_sample_mode``: the configured one, except "auto" (or the default left unset), which
+   means "ew" for torchvision models and "hooks" otherwise - Opacus' "hooks" fails on torchvision
+   ResNet/MobileNet after the fix (in-place adds/ReLUs on hooked outputs), "ew" trains them; our
+   ``small_cnn`` works in both. That failure happens in the forward pass, which ``autocast()`` wraps, so it
+   becomes a ConfigError naming the fix instead of a traceback.
 4. ``make_private`` with Poisson sampling. With ``target_epsilon`` the noise multiplier is solved for the
    exact number of optimizer steps the loop will take (``num_epochs * len(poisson loader)``) with the
    configured accountant - what ``make_private_with_epsilon`` does, except that it counts steps as
@@ -142,6 +145,12 @@ class DPTrainer(Trainer):
                 "Poisson batch as one step and forbids accumulating per-sample gradients across batches. Raise "
                 "training.batch_size instead (it is the expected Poisson batch size)"
             )
+        if cfg.class_weights != "none":
+            raise ConfigError(
+                "training.class_weights cannot be used with trainer_type dp: the weighted mean loss divides by the "
+                "batch's total weight, so one sample's presence rescales every other sample's gradient and the "
+                "per-sample sensitivity that the privacy accounting assumes no longer holds. Use class_weights: none"
+            )
         try:
             with warnings.catch_warnings():
                 # Opacus warns on every engine that secure_mode is off; we log dp.secure_mode as a param instead.
@@ -196,12 +205,19 @@ class DPTrainer(Trainer):
         return dp_model, dp_opt, {**loaders, "train": dp_train}
 
     def _choose_mode(self, model: nn.Module) -> str:
-        left_default = "grad_sample_mode" not in self.dp.model_fields_set
-        if left_default and type(model).__module__.startswith("torchvision."):
-            log.info("dp: grad_sample_mode 'ew' for torchvision model %s (Opacus 'hooks' fails on its in-place "
-                     "ops); set training.dp.grad_sample_mode to override", type(model).__name__)
-            return "ew"
-        return self.dp.grad_sample_mode
+        """"ew" for torchvision models when the mode is "auto" or was left at its default, else the configured one.
+
+        (A config that went through ``config.replace`` reports every field as set, so only an "auto" value
+        survives that round trip; the default check covers configs straight from ``load_config``.)
+        """
+        mode = self.dp.grad_sample_mode
+        if mode == "auto" or "grad_sample_mode" not in self.dp.model_fields_set:
+            if type(model).__module__.startswith("torchvision."):
+                log.info("dp: grad_sample_mode 'ew' for torchvision model %s (Opacus 'hooks' fails on its in-place "
+                         "ops); set training.dp.grad_sample_mode to override", type(model).__name__)
+                return "ew"
+            return "hooks"
+        return mode
 
     def _solve_noise(self) -> float:
         assert self.dp.target_epsilon is not None
@@ -213,7 +229,8 @@ class DPTrainer(Trainer):
                                              steps=self.planned_steps, accountant=self.dp.accountant)
         except ValueError as err:
             raise ConfigError(f"training.dp.target_epsilon {self.dp.target_epsilon:g} cannot be reached in "
-                              f"{self.planned_steps} steps ({err}); raise target_epsilon or lower num_epochs") from None
+                              f"{self.planned_steps} steps ({err}); raise target_epsilon or lower num_epochs"
+                              ) from None
         log.info("dp: noise multiplier %.4f reaches epsilon <= %g at delta %g after %d steps", sigma,
                  self.dp.target_epsilon, self.dp.target_delta, self.planned_steps)
         return float(sigma)
@@ -293,8 +310,8 @@ class DPTrainer(Trainer):
                                   "trainer, so its privacy spending is unknown - start a new run")
         accountant = self.engine.accountant
         if saved["mechanism"] != accountant.mechanism():
-            raise CheckpointError(f"the checkpoint was accounted with '{saved['mechanism']}' but "
-                                  f"training.dp.accountant is '{accountant.mechanism()}'; resume with the same accountant")
+            raise CheckpointError(f"the checkpoint was accounted with '{saved['mechanism']}' but training.dp."
+                                  f"accountant is '{accountant.mechanism()}'; resume with the same accountant")
         accountant.load_state_dict({"mechanism": saved["mechanism"],
                                     "history": [(float(s), float(q), int(n)) for s, q, n in saved["history"]]})
         sigma = float(state.get("noise_multiplier", self.noise_multiplier))

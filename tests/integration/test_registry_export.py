@@ -77,7 +77,7 @@ def test_register_sets_an_alias_that_round_trips_to_the_same_model(env: dict) ->
     assert result.exit_code == 0, result.output
     client = MlflowClient()
     version = client.get_model_version_by_alias("tiny-clf", "champion")
-    assert (version.version, version.run_id) == ("1", run_id)
+    assert (str(version.version), version.run_id) == ("1", run_id)
     inputs = env["data"] / "raw" / "c1"
     via_alias = predict_csv("models:/tiny-clf@champion", inputs, env["root"] / "alias.csv")
     via_run = predict_csv(f"runs:/{run_id}/model", inputs, env["root"] / "run.csv")
@@ -86,7 +86,7 @@ def test_register_sets_an_alias_that_round_trips_to_the_same_model(env: dict) ->
         [(r["path"], r["label"], r["prob_c1"]) for r in via_run]
     # Registering again makes version 2 and moves the alias; version 1 stays.
     assert invoke(["register", "--run", run_id, "--name", "tiny-clf", "--alias", "champion"]).exit_code == 0
-    assert client.get_model_version_by_alias("tiny-clf", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("tiny-clf", "champion").version) == "2"
     assert client.get_model_version("tiny-clf", "1").run_id == run_id
 
 

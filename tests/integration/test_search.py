@@ -5,13 +5,19 @@ directory. The parallel and crash cases run the real CLI as subprocesses so proc
 """
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 import pytest
@@ -22,9 +28,14 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mltrack.cli import cli
-from mltrack.config import load_config
+from mltrack.cli.args import normalize_args, option_arity
+from mltrack.config import RunConfig, load_config
+from mltrack.errors import ConfigError
+from mltrack.search import HEARTBEAT_ATTR, fail_and_retry, open_storage, open_study, reconcile, suggest
+from mltrack.search_space import SearchOptions, parse_space
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
+              pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--num-epochs", "1", "--set", "data.dataset_name=tiny", "--set", "data.image_size=8",
         "--set", "data.num_workers=0", "--set", "training.batch_size=8", "--set", "tracking.progress=off",
@@ -175,6 +186,100 @@ def test_bad_space_fails_before_any_run(workdir: Path) -> None:
     assert not (workdir / "optuna.db").exists() and not mlflow_runs(workdir)
 
 
+def test_mlproject_search_entry_point_reaches_the_cli() -> None:
+    from mlflow.projects._project_spec import load_project
+
+    entry = load_project(str(ROOT)).get_entry_point("search")
+    sample = {"config": "c.yaml", "space": "s.yaml", "n_trials": "7", "study_name": "st", "storage": "journal:./j",
+              "workers": "3", "sampler": "random", "pruner": "percentile", "metric": "val/loss",
+              "direction": "minimize", "folds": "0,1", "timeout": "60", "data_dir": "data/my data",
+              "num_epochs": "2", "overrides": "training.seed=7 optimizer.name=sgd"}
+    assert set(entry.parameters) == set(sample)
+    command = cli.get_command(None, "search")  # type: ignore[arg-type]
+
+    def parsed(params: dict[str, str]) -> dict[str, Any]:
+        argv = shlex.split(entry.compute_command(params, storage_dir=None))
+        assert argv[:4] == ["python", "-m", "mltrack", "search"]
+        return command.make_context("search", normalize_args(argv[4:], option_arity(command))).params
+
+    given = parsed(sample)
+    assert (given["config"], given["space"], given["n_trials"], given["timeout"]) == (Path("c.yaml"), Path("s.yaml"), 7, 60)
+    assert (given["study_name"], given["storage"], given["workers"], given["folds"]) == ("st", "journal:./j", 3, "0,1")
+    assert (given["sampler"], given["pruner"], given["metric"], given["direction"]) == \
+        ("random", "percentile", "val/loss", "minimize")
+    assert (given["data_dir"], given["num_epochs"]) == ("data/my data", 2)
+    assert given["overrides"] == "training.seed=7 optimizer.name=sgd"
+    defaults = parsed({})  # "" means: the CLI's own default
+    assert (defaults["sampler"], defaults["workers"], defaults["storage"], defaults["folds"]) == ("tpe", 1, None, None)
+
+
+# ---------------------------------------------------------------- study plumbing (no training)
+
+
+def lr_options(storage: str, **kw: Any) -> SearchOptions:
+    space = parse_space({"optimizer.lr": {"type": "float", "low": 0.01, "high": 0.05, "step": 0.01},
+                         "training.batch_size": {"type": "categorical", "choices": [8, 16]}}, RunConfig())
+    return SearchOptions(space=space, space_path="space.yaml", study_name="plumbing", storage=storage, **kw)
+
+
+@pytest.mark.parametrize("sampler, pruner", [("tpe", "median"), ("random", "percentile"), ("grid", "hyperband"),
+                                             ("cmaes", "none")])
+def test_every_sampler_and_pruner_drives_a_study(tmp_path: Path, sampler: str, pruner: str) -> None:
+    opts = lr_options(f"journal:{tmp_path / 'o.journal'}", sampler=sampler, pruner=pruner)
+    study = open_study(opts, RunConfig(), open_storage(opts), create=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, opts)
+        for epoch in range(3):
+            trial.report(params["optimizer.lr"] * (epoch + 1), epoch)
+        return params["optimizer.lr"]
+
+    study.optimize(objective, n_trials=4)
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert 0.01 <= t.params["optimizer.lr"] <= 0.05 and t.params["training.batch_size"] in (8, 16)
+    if sampler == "grid":
+        assert len({tuple(t.params.values()) for t in trials}) == 4  # a grid never repeats a point
+
+
+def test_joining_a_study_with_the_opposite_direction_is_refused(tmp_path: Path) -> None:
+    opts = lr_options(f"journal:{tmp_path / 'o.journal'}")
+    open_study(opts, RunConfig(), open_storage(opts), create=True)
+    flipped = lr_options(opts.storage, direction="minimize")
+    with pytest.raises(ConfigError, match="--direction maximize"):
+        open_study(flipped, RunConfig(), open_storage(flipped))
+
+
+def test_journal_reconciliation_fails_a_silent_trial_once_and_requeues_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No heartbeat in a journal: a RUNNING trial whose mltrack.heartbeat is older than the grace period
+    is failed by exactly one of the workers that notice, its MLflow run is closed as FAILED, and it is
+    re-queued once with the same params; a trial that beats is left alone."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    opts = lr_options(f"journal:{tmp_path / 'o.journal'}", heartbeat_s=1)
+    storage = open_storage(opts)
+    study = open_study(opts, RunConfig(), storage, create=True)
+    silent, alive = study.ask(), study.ask()
+    for trial, beat in ((silent, time.time() - 60), (alive, time.time())):
+        suggest(trial, opts)
+        trial.set_user_attr(HEARTBEAT_ATTR, beat)
+    silent.set_user_attr("mlflow_run_id", run_id)
+    other_storage = open_storage(opts)  # a second worker process's view of the same journal
+    other = open_study(opts, RunConfig(), other_storage)
+    reconcile(study, storage, opts)
+    reconcile(other, other_storage, opts)
+    assert fail_and_retry(other, other_storage, silent.number, "late") is False  # already failed: no 2nd retry
+    trials = study.get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.RUNNING]
+    (retry,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert retry.params == trials[0].params and RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "worker lost" in run.data.tags["mltrack.exit_reason"]
+
+
 # ---------------------------------------------------------------- several processes
 
 
@@ -262,3 +367,67 @@ def wait_for_epoch(proc: subprocess.Popen[bytes], db: Path, name: str, step: int
             pass
         time.sleep(0.1)
     raise TimeoutError(f"no trial reached step {step}")
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+PG_PASSWORD = "s3cret-pw"  # trust auth ignores it; it is there to prove it never reaches MLflow or the logs
+
+
+def pg_binary(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server on 127.0.0.1 (initdb in a temp dir, trust auth); yields a storage URL."""
+    initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL server binaries not found; install them with: apt-get install -y postgresql")
+    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3 (the dev extra installs psycopg[binary]).
+    psycopg = pytest.importorskip("psycopg", reason="psycopg missing; pip install -e '.[dev]' installs it")
+
+    prefix: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="mltrack-pg-"))
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = base / "data"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "check": True, "timeout": 120}
+    try:
+        subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                        "--no-sync"], **quiet)
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60", "-o",
+                        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], **quiet)
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE optuna")
+        yield f"postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{port}/optuna"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.STDOUT, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_workers_share_one_postgresql_study(workdir: Path, postgres: str) -> None:
+    space = write_space(workdir / "space.yaml", {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2}})
+    proc = run_subprocess(search_args(space, "--n-trials", "4", "--workers", "2", "--pruner", "none",
+                                      "--storage", postgres, "--study-name", "pg"), workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    check_parallel_study(workdir, postgres, "pg", 4, proc.stdout)
+    runs = mlflow_runs(workdir)
+    (study,) = by_role(runs, "study")
+    assert study.data.tags["optuna.storage"] == postgres.replace(f"postgres:{PG_PASSWORD}@", "")
+    everything = [proc.stdout, *(str(r.data.tags) + str(r.data.params) for r in runs)]
+    everything += [p.read_text(errors="replace") for p in (workdir / "runs").rglob("*") if p.is_file()
+                   and p.suffix in (".log", ".yaml", ".json", ".txt", ".csv")]
+    assert not any(PG_PASSWORD in text for text in everything)

@@ -76,7 +76,7 @@ def test_normalize_leaves_everything_after_double_dash() -> None:
 def test_every_train_flag_maps_to_a_config_key() -> None:
     train = cli.get_command(click.Context(cli), "train")
     names = {p.name for p in train.params if isinstance(p, click.Option)}
-    non_config = {"config", "resume", "sets", "overrides", "print_config"}
+    non_config = {"config", "resume", "sets", "overrides", "print_config", "allow_config_change", "fallback_previous"}
     assert names - non_config == set(CLI_FLAG_KEYS)
     assert all(option_arity(train)[f"--{n.replace('_', '-')}"] for n in CLI_FLAG_KEYS)
 

@@ -332,9 +332,11 @@ def test_dp_refuses_balanced_sampler(tiny_dataset: Callable[..., Path]) -> None:
         _context(cfg, TinyConv(), loaders.train)
 
 
-def test_dp_refuses_gradient_accumulation() -> None:
+def test_dp_refuses_gradient_accumulation_and_class_weights() -> None:
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         build_trainer(_dp_cfg("training.gradient_accumulation_steps=2").training, CPU)
+    with pytest.raises(ConfigError, match="class_weights"):
+        build_trainer(_dp_cfg("training.class_weights=auto").training, CPU)
 
 
 def test_dp_torchvision_model_gets_ew_mode_and_steps() -> None:

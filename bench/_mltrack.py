@@ -1,0 +1,159 @@
+"""mltrack's own path, end to end: ``build_loaders`` (cache none | ram | gpu), the mixed-precision trainer
+and the one loop (``train_epoch`` / ``run_epoch``), with the real checkpoint and MLflow hooks for the
+tracking variants, and the tutorial-style loop the hymenoptera comparison runs against.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from _feeds import make_optimizer
+
+
+def build(data_dir: Path, *, cache: str, image_size: int, batch_size: int, workers: int, device: torch.device,
+          splits: tuple[str, ...] = ("train",), seed: int = 0) -> tuple[Any, float]:
+    """mltrack's loaders for the bench dataset (imagenet recipe) and the seconds building them took
+    (for a cache: decoding every image once)."""
+    from mltrack.config import DataConfig
+    from mltrack.data.loaders import build_loaders
+
+    cfg = DataConfig(data_dir=str(data_dir), dataset_name="bench", image_size=image_size, transforms="imagenet",
+                     num_workers=workers, cache=cache)
+    t0 = time.perf_counter()
+    loaders = build_loaders(cfg, batch_size, seed, False, device.type, splits=splits, device=device,
+                            trainer_type="mixed_precision", channels_last=True)
+    return loaders, time.perf_counter() - t0
+
+
+def context(model: nn.Module, loaders: Any, device: torch.device, batch_size: int, *,
+            compiled: Optional[nn.Module] = None) -> Any:
+    """A FitContext as ``run.py`` builds one: mixed_precision trainer (bf16, channels_last), SGD, no schedule.
+
+    ``compiled`` (a torch.compile of ``model``) is the module the loop calls, as ``trainer.compile`` gives.
+    """
+    from mltrack.config import SchedulerConfig, load_config
+    from mltrack.optim import build_scheduler
+    from mltrack.trainers import build_trainer
+    from mltrack.trainers.loop import FitContext
+
+    cfg = load_config(None, [
+        "training.trainer_type=mixed_precision", "training.amp_dtype=bfloat16", "training.channels_last=true",
+        f"training.batch_size={batch_size}", f"training.device={device}", "tracking.progress='off'",
+        "tracking.tensorboard=false", "tracking.confusion_every_epoch=false", "scheduler.name=none"])
+    trainer = build_trainer(cfg.training, device)
+    opt = make_optimizer(model)
+    loader_map = {"train": loaders.train, "val": loaders.val, "test": loaders.test}
+    model, opt, loader_map = trainer.prepare(model, opt, loader_map)
+    schedule = build_scheduler(SchedulerConfig(name="none"), opt, 1, max(1, len(loader_map["train"])), 1e-3)
+    return FitContext(cfg, compiled if compiled is not None else model, opt, schedule, trainer, loader_map,
+                      nn.CrossEntropyLoss(), list(loaders.class_names))
+
+
+def train_epochs(ctx: Any, images_per_epoch: int) -> Callable[[], int]:
+    """One call = ``loop.train_epoch`` over the train loader (what ``mltrack train`` runs per epoch)."""
+    from mltrack.trainers.loop import train_epoch
+
+    def run() -> int:
+        train_epoch(ctx)
+        return images_per_epoch
+
+    return run
+
+
+def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any]) -> Callable[[], int]:
+    """One call = ``loop.run_epoch`` (train + validation) and the hooks' ``on_epoch_end``, as ``loop.fit``."""
+    from mltrack.trainers.loop import run_epoch
+
+    def run() -> int:
+        ctx.last = run_epoch(ctx)
+        for hook in hooks:
+            hook.on_epoch_end(ctx)
+        return images_per_epoch
+
+    return run
+
+
+class Tracking:
+    """The hooks ``run.py`` installs (checkpoint write + upload, per-epoch metrics) on a real MLflow run in a
+    local sqlite store; ``None`` tracker = checkpoints written locally only."""
+
+    def __init__(self, workdir: Path, name: str, mlflow: bool) -> None:
+        self.workdir = Path(workdir) / name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tracker = None
+        if mlflow:
+            from mltrack.tracking import Tracker
+
+            # One store for all runs of the benchmark (created once); a new sqlite store puts its artifacts
+            # in ./mlruns, so it is created from the work dir, which the benchmark deletes at the end.
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(workdir) / 'mlflow.db'}"
+            previous = os.getcwd()
+            os.chdir(workdir)
+            try:
+                self.tracker = Tracker.start("bench", name, {"mltrack.role": "bench"}, spool_dir=self.workdir / "spool")
+            finally:
+                os.chdir(previous)
+
+    def hooks(self, ctx: Any) -> list[Any]:
+        from mltrack.hooks import CheckpointHook, TrackingHook
+
+        run_id = self.tracker.run_id if self.tracker is not None else "none"
+        meta = {"split_digest": "bench", "dataset_fingerprint": "bench", "mlflow_run_id": run_id}
+        hooks: list[Any] = [CheckpointHook(self.workdir / "weights", self.tracker, meta)]
+        if self.tracker is not None:
+            hooks.append(TrackingHook(self.tracker, confusion_every_epoch=False))
+        for hook in hooks:
+            hook.on_fit_start(ctx)
+        return hooks
+
+    def finish(self) -> dict[str, float]:
+        """Wait for the queue (uploads still running after the timed epochs) and close the run."""
+        if self.tracker is None:
+            return {}
+        t0 = time.perf_counter()
+        self.tracker.flush()
+        drain = time.perf_counter() - t0
+        self.tracker.finish("FINISHED")
+        return {"queue_drain_s": round(drain, 3)}
+
+
+def tutorial_epochs(model: nn.Module, train_loader: Any, val_loader: Any, device: torch.device,
+                    weights: Path) -> Callable[[], int]:
+    """The transfer-learning tutorial's loop: fp32, per-batch ``loss.item()`` and correct counts, a StepLR,
+    best weights saved with ``torch.save`` when validation accuracy improves. One call = train + val."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    best = {"acc": -1.0}
+
+    def run() -> int:
+        seen = 0
+        for phase, loader in (("train", train_loader), ("val", val_loader)):
+            model.train(phase == "train")
+            running_loss, corrects, n = 0.0, 0, 0
+            for inputs, labels in loader:
+                inputs, labels = inputs.to(device), labels.to(device)
+                opt.zero_grad()
+                with torch.set_grad_enabled(phase == "train"):
+                    outputs = model(inputs)
+                    loss = loss_fn(outputs, labels)
+                    if phase == "train":
+                        loss.backward()
+                        opt.step()
+                running_loss += loss.item() * inputs.size(0)
+                corrects += int(torch.sum(outputs.argmax(1) == labels))
+                n += inputs.size(0)
+            if phase == "train":
+                scheduler.step()
+            elif corrects / max(n, 1) > best["acc"]:
+                best["acc"] = corrects / max(n, 1)
+                torch.save(model.state_dict(), weights)
+            seen += n
+        return seen
+
+    return run

@@ -1,0 +1,251 @@
+"""What the benchmark measures, in priority order (a run short of time drops the last groups first):
+
+1. throughput, per model: (6) ceiling bf16/fp32 -> (5) mltrack gpu / ram cache -> (1) reference fp32,
+   (2) reference bf16 -> (3) timm -> (4) mltrack default (no cache); loader-only rates where they bound.
+2. hymenoptera-size epoch (train + val): tutorial loop vs mltrack cached, untracked and tracked.
+3. tracking on vs off at full size (resnet18/tiny model, cached, train + val per epoch).
+4. compiled: ceiling, mltrack gpu and ram, for --compile-models.
+5. decode every epoch with nvJPEG (data larger than RAM).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from _data import make_dataset, split_files
+from _feeds import (NvjpegEveryEpoch, SyntheticBatches, build_model, make_step, place, reference_loader, shutdown,
+                    steps_epoch, time_epochs, timm_loader)
+
+
+class Lazy:
+    """Build an expensive thing (a loader, a cache) on first use; remember a failure instead of retrying."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.value, self.seconds, self.error = make, None, None, None
+
+    def get(self) -> Any:
+        if self.error:
+            raise RuntimeError(f"not built: {self.error}")
+        if self.value is None:
+            t0 = time.perf_counter()
+            try:
+                self.value = self.make()
+            except Exception as err:
+                self.error = f"{type(err).__name__}: {err}"
+                raise
+            self.seconds = round(time.perf_counter() - t0, 2)
+        return self.value
+
+
+def _importable(module: str) -> Optional[str]:
+    try:
+        __import__(module)
+        return None
+    except Exception as err:  # noqa: BLE001 - any import failure means "skip with this reason"
+        return f"{module} not importable ({type(err).__name__}: {str(err)[:120]})"
+
+
+def run_all(R: Any, cfg: dict[str, Any], device: torch.device, cache_dir: Path, *, tiny: bool) -> None:
+    t0 = time.perf_counter()
+    w, h = cfg["size"]
+    root = cache_dir / "data" / f"synth_{cfg['train']}_{cfg['val']}_{w}x{h}_{cfg['classes']}"
+    R.log(f"dataset {root} ...")
+    R.extra["dataset"] = make_dataset(root, classes=cfg["classes"], train=cfg["train"], val=cfg["val"],
+                                      test=cfg["test"], size=cfg["size"], workers=0 if tiny else cfg["workers"])
+    R.extra["dataset"]["ready_s"] = round(time.perf_counter() - t0, 1)
+    R.log(f"dataset ready: {R.extra['dataset']}")
+    work = cache_dir / "work" / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Plan(R, cfg, device, root, work, tiny)
+    try:
+        ctx.throughput()
+        ctx.hymenoptera(cache_dir)
+        ctx.tracking()
+        ctx.compiled()
+        ctx.nvjpeg()
+    finally:
+        ctx.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class Plan:
+    def __init__(self, R: Any, cfg: dict[str, Any], device: torch.device, root: Path, work: Path, tiny: bool) -> None:
+        self.R, self.cfg, self.device, self.root, self.work, self.tiny = R, cfg, device, root, work, tiny
+        self.files = split_files(root, "train")
+        names = sorted({rel.split("/")[0] for rel in self.files})
+        self.labels = [names.index(rel.split("/")[0]) for rel in self.files]
+        self.models = {name: build_model(name, cfg["classes"]) for name in cfg["models"]}
+        self.B, self.S, self.W = cfg["batch"], cfg["image"], cfg["workers"]
+        self.steps = -(-cfg["train"] // self.B)
+        self.timed = dict(warmup_epochs=cfg["warmup"], min_seconds=cfg["seconds"], max_epochs=cfg["max_epochs"])
+        self.need = cfg["seconds"] + 8
+        self.cuda = device.type == "cuda"
+        self.gpu_only = None if self.cuda else "needs a CUDA device"
+        self.cached = {mode: Lazy(lambda m=mode: self._build(m)) for mode in ("gpu", "ram")}
+
+    # ------------------------------------------------------------ building blocks
+
+    def _build(self, mode: str, root: Optional[Path] = None, batch: Optional[int] = None,
+               splits: tuple[str, ...] = ("train",)) -> Any:
+        from _mltrack import build
+
+        loaders, seconds = build(root or self.root, cache=mode, image_size=self.S, batch_size=batch or self.B,
+                                 workers=self.W, device=self.device, splits=splits)
+        self.R.extra.setdefault("build_s", {})[f"{mode}:{(root or self.root).name}:{'+'.join(splits)}"] = round(seconds, 2)
+        return loaders
+
+    def _steps(self, loader: Any, model: torch.nn.Module, amp: bool, compiled: Optional[torch.nn.Module] = None,
+               **timed: Any) -> dict[str, Any]:
+        place(model, self.device, channels_last=amp)
+        step = make_step(compiled or model, self.device, amp=amp, channels_last=amp)
+        return time_epochs(lambda: steps_epoch(loader, step), self.device, **{**self.timed, **timed})
+
+    def _mltrack(self, lazy: Lazy, model: torch.nn.Module, compiled: Optional[torch.nn.Module] = None) -> dict[str, Any]:
+        from _mltrack import context, train_epochs
+
+        loaders = lazy.get()
+        place(model, self.device, channels_last=True)
+        fit = context(model, loaders, self.device, self.B, compiled=compiled)
+        out = time_epochs(train_epochs(fit, loaders.sizes["train"]), self.device, **self.timed)
+        return {**out, "build_s": lazy.seconds, "cache": loaders.cache}
+
+    def _loader_only(self, loader: Any) -> dict[str, Any]:
+        """The loader alone (no model): what it can deliver, i.e. whether it bounds a variant."""
+        def epoch() -> int:
+            return sum(len(targets) for _, targets in loader)
+        return time_epochs(epoch, self.device, warmup_epochs=0, min_seconds=min(3.0, self.cfg["seconds"]),
+                           max_epochs=self.cfg["max_epochs"])
+
+    # ------------------------------------------------------------ groups
+
+    def throughput(self) -> None:
+        R, m = self.R, self.models
+        for name, model in m.items():
+            for amp, label in ((True, "ceiling_bf16"), (False, "ceiling_fp32")):
+                feed = SyntheticBatches(self.steps, self.B, self.S, self.cfg["classes"], self.device, amp)
+                R.measure("throughput", label, name, lambda f=feed, mo=model, a=amp: self._steps(f, mo, a),
+                          need_s=self.need)
+        for mode in ("gpu", "ram"):
+            skip = self.gpu_only if mode == "gpu" else None
+            for name, model in m.items():
+                R.measure("throughput", f"mltrack_{mode}", name,
+                          lambda mo=model, md=mode: self._mltrack(self.cached[md], mo), unavailable=skip,
+                          need_s=self.need + 10)
+            if self.cached[mode].value is not None:
+                R.measure("loader_only", f"mltrack_{mode}", "-", lambda md=mode: self._loader_only(
+                    self.cached[md].value.train), need_s=6)
+        self._peer("reference", lambda: reference_loader(self.root, self.files, self.S, self.B, self.W, self.device),
+                   [("reference_fp32", False), ("reference_bf16", True)], None)
+        self._peer("timm", lambda: timm_loader(self.root, self.files, self.S, self.B, self.W, self.device),
+                   [("timm_bf16", True)], _importable("timm"))
+        default = Lazy(lambda: self._build("none"))
+        for name, model in m.items():
+            R.measure("throughput", "mltrack_default", name, lambda mo=model: self._mltrack(default, mo),
+                      need_s=self.need + 5)
+        if default.value is not None:
+            shutdown(default.value.train)
+
+    def _peer(self, label: str, make: Callable[[], Any], variants: list[tuple[str, bool]], skip: Optional[str]) -> None:
+        loader = Lazy(make)
+        for name, model in self.models.items():
+            for variant, amp in variants:
+                self.R.measure("throughput", variant, name, lambda mo=model, a=amp: self._steps(loader.get(), mo, a),
+                               unavailable=skip, need_s=self.need + 5)
+        if loader.value is not None:
+            self.R.measure("loader_only", label, "-", lambda: self._loader_only(loader.value), need_s=8)
+            shutdown(loader.value)
+
+    def hymenoptera(self, cache_dir: Path) -> None:
+        from _mltrack import Tracking, context, full_epochs, tutorial_epochs
+
+        n_train, n_val, batch = self.cfg["hymen"]
+        size = (64, 48) if self.tiny else (500, 375)
+        root = cache_dir / "data" / f"hymen_{n_train}_{n_val}_{size[0]}"
+        make_dataset(root, classes=2, names=["ants", "bees"], train=n_train, val=n_val, test=4, size=size,
+                     vary_size=True, workers=0 if self.tiny else self.W)
+        arch = "tinycnn" if self.tiny else "resnet18"
+        model = build_model(arch, 2)
+        timed = dict(warmup_epochs=self.cfg["warmup"], min_seconds=min(4.0, self.cfg["seconds"]),
+                     max_epochs=40 if self.cfg["max_epochs"] > 1 else 1)
+        files = {s: split_files(root, s) for s in ("train", "val")}
+        ref = Lazy(lambda: [reference_loader(root, files[s], self.S, batch, min(4, self.W), self.device, train=s == "train")
+                            for s in ("train", "val")])
+
+        def tutorial() -> dict[str, Any]:
+            place(model, self.device, channels_last=False)
+            train, val = ref.get()
+            run = tutorial_epochs(model, train, val, self.device, self.work / "tutorial_best.pt")
+            return time_epochs(run, self.device, **timed)
+
+        self.R.measure("hymenoptera", "tutorial_fp32", arch, tutorial, need_s=12)
+        for loader in ref.value or []:
+            shutdown(loader)
+        mode = "gpu" if self.cuda else "ram"
+        cached = Lazy(lambda: self._build(mode, root, batch, ("train", "val")))
+        mlflow_missing = _importable("mlflow")
+
+        def mltrack_epochs(tracked: Optional[bool]) -> dict[str, Any]:
+            loaders = cached.get()
+            place(model, self.device, channels_last=True)
+            fit = context(model, loaders, self.device, batch)
+            tracking = Tracking(self.work, f"hymen_{tracked}", bool(tracked)) if tracked is not None else None
+            hooks = tracking.hooks(fit) if tracking else []
+            out = time_epochs(full_epochs(fit, n_train + n_val, hooks), self.device,
+                              **{**timed, "warmup_epochs": 2 * self.cfg["warmup"]})
+            return {**out, **(tracking.finish() if tracking else {}), "build_s": cached.seconds, "cache": loaders.cache}
+
+        self.R.measure("hymenoptera", f"mltrack_{mode}", arch, lambda: mltrack_epochs(None), need_s=10)
+        self.R.measure("hymenoptera", f"mltrack_{mode}_checkpoint", arch, lambda: mltrack_epochs(False), need_s=10)
+        self.R.measure("hymenoptera", f"mltrack_{mode}_tracked", arch, lambda: mltrack_epochs(True),
+                       unavailable=mlflow_missing, need_s=15)
+
+    def tracking(self) -> None:
+        from _mltrack import Tracking, context, full_epochs
+
+        name = next(iter(self.models))
+        model, mode = self.models[name], "gpu" if self.cuda else "ram"
+        both = Lazy(lambda: self._build(mode, splits=("train", "val")))
+        images = self.cfg["train"] + self.cfg["val"]
+
+        def epochs(tracked: Optional[bool]) -> dict[str, Any]:
+            loaders = both.get()
+            place(model, self.device, channels_last=True)
+            fit = context(model, loaders, self.device, self.B)
+            tracking = Tracking(self.work, f"full_{tracked}", bool(tracked)) if tracked is not None else None
+            out = time_epochs(full_epochs(fit, images, tracking.hooks(fit) if tracking else []), self.device, **self.timed)
+            return {**out, **(tracking.finish() if tracking else {}), "cache": loaders.cache}
+
+        self.R.measure("tracking", "untracked", name, lambda: epochs(None), need_s=self.need + 5)
+        self.R.measure("tracking", "checkpoint_only", name, lambda: epochs(False), need_s=self.need + 5)
+        self.R.measure("tracking", "tracked", name, lambda: epochs(True), unavailable=_importable("mlflow"),
+                       need_s=self.need + 10)
+        both.value = None  # frees its cache before the compiled group
+
+    def compiled(self) -> None:
+        for name in [n for n in self.cfg["compile"] if n in self.models]:
+            model = self.models[name]
+            place(model, self.device, channels_last=True)
+            compiled = torch.compile(model)
+            feed = SyntheticBatches(self.steps, self.B, self.S, self.cfg["classes"], self.device, True)
+            self.R.measure("throughput", "ceiling_compiled", name, lambda: self._steps(feed, model, True, compiled),
+                           unavailable=self.gpu_only, need_s=self.need + 100)
+            for mode in ("gpu", "ram"):
+                self.R.measure("throughput", f"mltrack_{mode}_compiled", name,
+                               lambda md=mode: self._mltrack(self.cached[md], model, compiled),
+                               unavailable=self.gpu_only, need_s=self.need + 20)
+
+    def nvjpeg(self) -> None:
+        name = "resnet18" if "resnet18" in self.models else next(iter(self.models))
+        feed = Lazy(lambda: NvjpegEveryEpoch(self.root, self.files, self.labels, self.S, self.B, self.device, True))
+        self.R.measure("throughput", "nvjpeg_every_epoch", name, lambda: self._steps(feed.get(), self.models[name], True),
+                       unavailable=self.gpu_only, need_s=self.need + 10)
+        if feed.value is not None:
+            self.R.measure("loader_only", "nvjpeg_every_epoch", "-", lambda: self._loader_only(feed.value), need_s=6)
+
+    def close(self) -> None:
+        for lazy in self.cached.values():
+            lazy.value = None

@@ -1,0 +1,119 @@
+"""The benchmark's printed report: throughput table with ratios, the other groups, the issue's targets."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+LABELS = {
+    "reference_fp32": "(1) reference: ImageFolder+PIL workers, fp32",
+    "reference_bf16": "(2) reference loader, bf16+channels_last",
+    "timm_bf16": "(3) timm create_loader(use_prefetcher)",
+    "mltrack_default": "(4) mltrack default (data.cache none)",
+    "mltrack_gpu": "(5) mltrack fast path, cache gpu",
+    "mltrack_ram": "(5) mltrack fast path, cache ram",
+    "nvjpeg_every_epoch": "    decode every epoch on GPU (nvJPEG)",
+    "ceiling_bf16": "(6) ceiling: synthetic on GPU, bf16+CL",
+    "ceiling_fp32": "    ceiling fp32",
+    "mltrack_gpu_compiled": "(5) cache gpu, torch.compile",
+    "mltrack_ram_compiled": "(5) cache ram, torch.compile",
+    "ceiling_compiled": "(6) ceiling, torch.compile",
+}
+
+
+def _ratio(a: Optional[float], b: Optional[float], pct: bool = False) -> str:
+    if a is None or not b:
+        return "-"
+    return f"{100 * a / b:5.1f} %" if pct else f"{a / b:5.2f}x"
+
+
+def _epoch(row: dict[str, Any]) -> Optional[float]:
+    times = row.get("epoch_s")
+    return sum(times) / len(times) if times else None
+
+
+def _status(row: dict[str, Any]) -> str:
+    return f"skipped: {row['skipped']}" if "skipped" in row else f"FAILED: {row.get('error', '?')}"
+
+
+def print_report(R: Any) -> None:
+    env = R.env
+    print("\n" + "=" * 100)
+    print(f"device: {env.get('gpu', env['device'])} | torch {env['torch']} | torchvision {env['torchvision']} | "
+          f"timm {env['timm']} | python {env['python']} | {env['cpu_count']} CPU cores")
+    print(f"command: {env['command']}")
+    models = [r["model"] for r in R.rows if r["group"] == "throughput"]
+    for model in dict.fromkeys(models):
+        ref, timm = R.get("reference_fp32", model), R.get("timm_bf16", model)
+        print(f"\n{model}: img/s of full training steps (bs {R.extra['settings']['batch']}, "
+              f"{R.extra['settings']['image']} px)")
+        print(f"  {'variant':48s} {'img/s':>9s} {'x (1)':>7s} {'x (3)':>7s} {'% of (6)':>9s}")
+        for row in [r for r in R.rows if r["group"] == "throughput" and r["model"] == model]:
+            ceiling = R.get("ceiling_compiled" if "compiled" in row["name"] else
+                            "ceiling_fp32" if row["name"] == "reference_fp32" else "ceiling_bf16", model)
+            label = LABELS.get(row["name"], row["name"])
+            if "img_per_s" not in row:
+                print(f"  {label:48s} {_status(row)}")
+                continue
+            v = row["img_per_s"]
+            print(f"  {label:48s} {v:9,.0f} {_ratio(v, ref):>7s} {_ratio(v, timm):>7s} {_ratio(v, ceiling, True):>9s}")
+    _other(R, "loader_only", "loader alone (no model): what each loader can deliver, img/s", relative=False)
+    _other(R, "hymenoptera", "hymenoptera-size epoch (train + val), seconds per epoch")
+    _other(R, "tracking", "tracking on vs off: train + val epoch")
+    if R.extra.get("build_s"):
+        print(f"\ncache build (decode every image once), s: {R.extra['build_s']}")
+    print_targets(R)
+
+
+def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
+    rows = [r for r in R.rows if r["group"] == group]
+    if not rows:
+        return
+    print(f"\n{title}")
+    base = _epoch(rows[0]) if relative and "epoch_s" in rows[0] else None
+    for row in rows:
+        if "img_per_s" not in row:
+            print(f"  {row['name']:28s} {row['model']:10s} {_status(row)}")
+            continue
+        e = _epoch(row)
+        extra = f"  queue drain after {row['queue_drain_s']} s" if "queue_drain_s" in row else ""
+        rel = f"  {_ratio(e, base)} the first's time" if base and e and row is not rows[0] else ""
+        print(f"  {row['name']:28s} {row['model']:10s} {row['img_per_s']:9,.0f} img/s  epoch {e:.3f} s{rel}{extra}")
+
+
+def _check(text: str, ok: Optional[bool]) -> None:
+    print(f"  [{'PASS' if ok else 'MISS' if ok is not None else 'n/a '}] {text}")
+
+
+def print_targets(R: Any) -> None:
+    """The issue's targets, each with the numbers it is judged on (n/a where not measured)."""
+    print("\ntargets (issue 9)")
+    g = R.get
+    r50 = [g("mltrack_gpu", "resnet50"), g("timm_bf16", "resnet50"), g("ceiling_bf16", "resnet50")]
+    if all(r50):
+        _check(f"resnet50 fast path {r50[0]:,.0f} img/s >= timm {r50[1]:,.0f} and >= 97 % of ceiling "
+               f"({100 * r50[0] / r50[2]:.1f} %)", r50[0] >= r50[1] and r50[0] >= 0.97 * r50[2])
+    else:
+        _check("resnet50 fast path >= timm and >= 97 % of ceiling", None)
+    for name, ceiling in (("mltrack_gpu", "ceiling_bf16"), ("mltrack_ram", "ceiling_bf16"),
+                          ("mltrack_gpu_compiled", "ceiling_compiled"), ("mltrack_ram_compiled", "ceiling_compiled")):
+        v, c, t = g(name, "resnet18"), g(ceiling, "resnet18"), g("timm_bf16", "resnet18")
+        if v and c:
+            vs_timm = f", {v / t:.2f}x timm (>= 2.5x)" if t else ""
+            _check(f"resnet18 {name}: {100 * v / c:.1f} % of {ceiling} (>= 90 %){vs_timm}",
+                   v >= 0.9 * c and (t is None or v >= 2.5 * t))
+        else:
+            _check(f"resnet18 {name} >= 90 % of {ceiling}", None)
+    v, t = g("nvjpeg_every_epoch", "resnet18"), g("timm_bf16", "resnet18")
+    _check(f"decode every epoch: {v / t:.2f}x timm (>= 2x)" if v and t else "decode every epoch >= 2x timm",
+           (v >= 2 * t) if v and t else None)
+    rows = {r["name"]: r for r in R.rows if r["group"] == "hymenoptera"}
+    tut = _epoch(rows.get("tutorial_fp32", {}))
+    tracked = next((_epoch(r) for n, r in rows.items() if n.endswith("_tracked") and "epoch_s" in r), None)
+    if tut and tracked:
+        _check(f"hymenoptera epoch with tracking {tracked:.3f} s (<= 0.1 s), {tut / tracked:.1f}x the tutorial loop "
+               f"(>= 10x)", tracked <= 0.1 and tut >= 10 * tracked)
+    else:
+        _check("hymenoptera epoch with tracking <= 0.1 s and >= 10x the tutorial loop", None)
+    rows = {r["name"]: r for r in R.rows if r["group"] == "tracking"}
+    off, on = _epoch(rows.get("untracked", {})), _epoch(rows.get("tracked", {}))
+    _check(f"tracking on vs off: {100 * (on / off - 1):+.1f} % epoch time (<= 1 %)" if on and off else
+           "tracking on vs off <= 1 %", (on <= 1.01 * off) if on and off else None)

@@ -1,0 +1,146 @@
+"""Issue 5, run status on every exit path (RELIABILITY T11): exception, SystemExit, SIGTERM, SIGINT,
+SIGKILL and a normal end, each a real CLI process (signals sent by the test), then ``mltrack reconcile``
+and a resume for the run that ``kill -9`` left RUNNING."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_resume import Session, Store, baseline, env_for, resume, start_train
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+LONG = 30  # epochs of the runs that a signal stops: they are never near their end when it arrives
+KILL_LIMIT_S = 30  # SIGTERM/SIGINT -> checkpoint, upload, KILLED and exit within this
+
+
+def _fault(action: str) -> dict[str, str]:
+    # Inside epoch 2 (index 1), after the optimizer step of its batch 1.
+    return {"MLTRACK_FAULT_AT": "in_epoch", "MLTRACK_FAULT_EPOCH": "1", "MLTRACK_FAULT_BATCH": "1",
+            "MLTRACK_FAULT_ACTION": action}
+
+
+@pytest.fixture(scope="module")
+def exits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Starts every exit path at once (they share the 2 cores), then signals the long ones in epoch 2 and
+    records how long each took from the signal to the end of the process."""
+    root = Session.setup(tmp_path_factory)
+    runs = {
+        "exception": start_train(root, "exit_exception", **_fault("raise")),
+        "systemexit": start_train(root, "exit_systemexit", **_fault("sysexit")),
+        "sigterm": start_train(root, "exit_sigterm", epochs=LONG),
+        "sigint": start_train(root, "exit_sigint", epochs=LONG),
+        "sigkill": start_train(root, "exit_sigkill", epochs=LONG),
+    }
+    seconds: dict[str, float] = {}
+    for name, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT), ("sigkill", signal.SIGKILL)):
+        cli, _ = runs[name]
+        cli.wait_for("Epoch 1/")  # epoch 2 has started: a checkpoint of epoch 1 exists
+        sent = time.monotonic()
+        os.kill(cli.proc.pid, sig)
+        cli.wait(120)
+        seconds[name] = time.monotonic() - sent
+    print(f"\nsignal -> exit seconds: {seconds}")
+    return {"root": root, "runs": runs, "seconds": seconds}
+
+
+def _finished_run(exits: dict[str, Any], name: str) -> tuple[Any, Any, Store]:
+    cli, store = exits["runs"][name]
+    return cli.wait(), store.only_run(), store
+
+
+@pytest.mark.parametrize("name, rc, reason", [
+    ("exception", 1, "InjectedFault: injected fault at in_epoch (epoch 1, batch 1)"),
+    ("systemexit", 1, "SystemExit(1)"),
+])
+def test_exception_and_system_exit_mark_the_run_failed(name: str, rc: int, reason: str, exits: dict[str, Any]) -> None:
+    done, run, store = _finished_run(exits, name)
+    assert done.rc == rc, done.out[-3000:]
+    assert run.info.status == "FAILED"  # not FINISHED, as a plain MLflow atexit would record
+    assert run.data.tags["mltrack.exit_reason"] == reason
+    assert [s for s, _ in store.history(run.info.run_id, "train/loss")] == [0]
+
+
+@pytest.mark.parametrize("name, rc", [("sigterm", 143), ("sigint", 130)])
+def test_sigterm_and_sigint_checkpoint_then_mark_killed(name: str, rc: int, exits: dict[str, Any]) -> None:
+    done, run, store = _finished_run(exits, name)
+    assert done.rc == rc, done.out[-3000:]
+    assert exits["seconds"][name] < KILL_LIMIT_S
+    assert run.info.status == "KILLED" and run.data.tags["mltrack.exit_reason"] == name.upper()
+    assert f"{name.upper()} received: stopped at epoch" in done.out
+    # The uploaded last.pt is the exact stop position: every logged epoch, plus the batches done since.
+    run_id = run.info.run_id
+    logged = [s for s, _ in store.history(run_id, "train/loss")]
+    path = store.client.download_artifacts(run_id, "weights/last.pt", str(exits["root"] / name / "dl"))
+    progress = torch.load(path, weights_only=True)["progress"]
+    assert logged == list(range(progress["epoch"])) and progress["epoch"] >= 1
+    assert progress["global_step"] == progress["epoch"] * 4 + progress["batch"]
+
+
+def test_sigkill_leaves_running_until_reconcile_then_resume_continues(exits: dict[str, Any],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    done, run, store = _finished_run(exits, "sigkill")
+    run_id = run.info.run_id
+    assert done.rc == -signal.SIGKILL and run.info.status == "RUNNING"
+    assert "mltrack.exit_reason" not in run.data.tags
+
+    from mltrack.cli.main import cli
+
+    for key, value in env_for(store.uri).items():
+        if key.startswith("MLFLOW"):
+            monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(cli, ["reconcile", "--experiment", "tiny", "--dry-run"])
+    assert result.exit_code == 0 and "would mark KILLED" in result.output, result.output
+    assert store.run(run_id).info.status == "RUNNING"
+    result = CliRunner().invoke(cli, ["reconcile", "--experiment", "tiny"])
+    assert result.exit_code == 0 and f"{run_id}" in result.output and "1 run(s) marked KILLED" in result.output
+    run = store.run(run_id)
+    assert run.info.status == "KILLED" and f"process {run.data.tags['mltrack.pid']}" in run.data.tags["mltrack.exit_reason"]
+
+    # A resume continues it: one more epoch than the checkpoint holds (the epoch count is free to change).
+    work = exits["root"] / "exit_sigkill"
+    uri = f"runs:/{run_id}/weights/last.pt"
+    done_epochs = torch.load(store.client.download_artifacts(run_id, "weights/last.pt", str(work / "dl")),
+                             weights_only=True)["progress"]["epoch"]
+    resumed = resume(store, work, uri, "resume", "--num-epochs", str(done_epochs + 1)).ok()
+    assert f"at epoch {done_epochs}" in resumed.out
+    run = store.run(run_id)
+    assert run.info.status == "FINISHED" and len(store.runs()) == 1
+    assert [s for s, _ in store.history(run_id, "train/loss")] == list(range(done_epochs + 1))
+    assert run.data.tags["mltrack.param_drift"] == f"training.num_epochs: {LONG} -> {done_epochs + 1}"
+    assert run.data.params["training.num_epochs"] == str(LONG)  # params are immutable: drift is a tag
+    assert "resume_1.yaml" in {Path(f.path).name for f in store.client.list_artifacts(run_id, "config")}
+
+
+def test_reconcile_leaves_live_runs_alone(tmp_path_factory: pytest.TempPathFactory,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mltrack.cli.main import cli
+
+    root = Session.setup(tmp_path_factory)
+    live, store = start_train(root, "exit_live", epochs=LONG)
+    try:
+        live.wait_for("Epoch 0/")
+        for key, value in env_for(store.uri).items():
+            if key.startswith("MLFLOW"):
+                monkeypatch.setenv(key, value)
+        result = CliRunner().invoke(cli, ["reconcile", "--stale-after", "600"])
+        assert result.exit_code == 0 and "0 run(s) marked KILLED" in result.output, result.output
+        assert store.only_run().info.status == "RUNNING"
+    finally:
+        live.proc.send_signal(signal.SIGTERM)
+        assert live.wait(120).rc == 143
+
+
+def test_normal_end_is_finished_without_exit_reason(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cli, store = baseline(tmp_path_factory, "standard", 2)
+    assert cli.ok().rc == 0
+    run = store.only_run()
+    assert run.info.status == "FINISHED" and "mltrack.exit_reason" not in run.data.tags
+    assert int(run.data.tags["mltrack.heartbeat"]) <= time.time()
