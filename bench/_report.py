@@ -1,6 +1,11 @@
-"""The benchmark's printed report: throughput table with ratios, the other groups, the issue's targets."""
+"""The benchmark's printed report: throughput table with ratios, the other groups, the issue's targets;
+and the same from a saved bench.json as Markdown for the README (``--markdown bench.json``)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 LABELS = {
@@ -117,3 +122,44 @@ def print_targets(R: Any) -> None:
     off, on = _epoch(rows.get("untracked", {})), _epoch(rows.get("tracked", {}))
     _check(f"tracking on vs off: {100 * (on / off - 1):+.1f} % epoch time (<= 1 %)" if on and off else
            "tracking on vs off <= 1 %", (on <= 1.01 * off) if on and off else None)
+
+
+class Saved:
+    """A bench.json read back, with the interface the report functions use."""
+
+    def __init__(self, path: Path) -> None:
+        data = json.loads(Path(path).read_text())
+        self.env, self.extra, self.rows = data["env"], data["extra"], data["results"]
+
+    def get(self, name: str, model: str) -> Optional[float]:
+        for row in self.rows:
+            if row["name"] == name and row["model"] == model and "img_per_s" in row:
+                return float(row["img_per_s"])
+        return None
+
+
+def markdown(path: Path) -> str:
+    """README-ready: a throughput table per model, then the full text report in a code block."""
+    R = Saved(path)
+    env = R.env
+    lines = [f"Device: {env.get('gpu', env['device'])}, {env['cpu_count']} CPU cores; torch {env['torch']}, "
+             f"torchvision {env['torchvision']}, timm {env['timm']}; command: `{env['command']}`", ""]
+    for model in dict.fromkeys(r["model"] for r in R.rows if r["group"] == "throughput"):
+        ref, timm = R.get("reference_fp32", model), R.get("timm_bf16", model)
+        lines += [f"**{model}** (bs {R.extra['settings']['batch']}, {R.extra['settings']['image']} px)", "",
+                  "| variant | img/s | x (1) | x (3) | % of (6) |", "|---|---:|---:|---:|---:|"]
+        for row in [r for r in R.rows if r["group"] == "throughput" and r["model"] == model]:
+            label = LABELS.get(row["name"], row["name"]).strip()
+            if "img_per_s" not in row:
+                lines.append(f"| {label} | {_status(row)} | | | |")
+                continue
+            ceiling = R.get("ceiling_compiled" if "compiled" in row["name"] else
+                            "ceiling_fp32" if row["name"] == "reference_fp32" else "ceiling_bf16", model)
+            v = row["img_per_s"]
+            lines.append(f"| {label} | {v:,.0f} | {_ratio(v, ref).strip()} | {_ratio(v, timm).strip()} | "
+                         f"{_ratio(v, ceiling, True).strip()} |")
+        lines.append("")
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        print_report(R)
+    return "\n".join(lines + ["```", text.getvalue().strip(), "```", ""])

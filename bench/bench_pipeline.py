@@ -39,6 +39,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="minimum timed window per variant, after warm-up")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting variants after this many seconds")
     p.add_argument("--skip", default="", help="comma list of variant names to skip")
+    p.add_argument("--markdown", metavar="BENCH_JSON", help="only print a saved bench.json as Markdown (README)")
     return p.parse_args(argv)
 
 
@@ -142,6 +143,11 @@ def environment(device: Any) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        from _report import markdown
+
+        print(markdown(Path(args.markdown)))
+        return 0
     cfg = settings(args)
     import torch
 

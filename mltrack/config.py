@@ -65,7 +65,7 @@ class DPConfig(_Frozen):
     target_epsilon: Optional[float] = Field(None, gt=0.0)  # set: noise is solved for this budget
     target_delta: float = Field(1e-5, gt=0.0, lt=1.0)  # must be < 1/N (checked when N is known)
     accountant: Literal["prv", "rdp", "gdp"] = "prv"
-    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    grad_sample_mode: Literal["auto", "hooks", "ew", "functorch"] = "auto"  # auto: ew for torchvision models, else hooks
     secure_mode: bool = False
 
 

@@ -60,7 +60,8 @@ class CVResult:
 
 def available_folds(data_dir: Path) -> list[int]:
     """Fold numbers k with a ``splits/fold_<k>_train.txt`` under ``data_dir``, sorted."""
-    found = [re.fullmatch(r"fold_(\d+)_train\.txt", p.name) for p in (Path(data_dir) / "splits").glob("fold_*_train.txt")]
+    files = (Path(data_dir) / "splits").glob("fold_*_train.txt")
+    found = [re.fullmatch(r"fold_(\d+)_train\.txt", p.name) for p in files]
     return sorted(int(m.group(1)) for m in found if m)
 
 
@@ -167,7 +168,11 @@ def train_fold(cfg: RunConfig, fold: int, parent_id: str, explicit: dict[str, An
 # ---------------------------------------------------------------- the ensemble
 
 
-def evaluate_ensemble(cfg: RunConfig, outcomes: list[FoldOutcome], out_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]], list[dict[str, Any]]]:
+Members = list[dict[str, Any]]
+
+
+def evaluate_ensemble(cfg: RunConfig, outcomes: list[FoldOutcome], out_dir: Path
+                      ) -> tuple[dict[str, float], Members, Members]:
     """Soft vote (mean softmax) of the FINISHED folds' ``best.pt`` on the shared test set.
 
     Writes the report and confusion matrix into ``out_dir``; returns (``ensemble/test/*`` metrics, the

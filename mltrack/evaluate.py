@@ -146,7 +146,8 @@ def split_samples(bundle: RunBundle, data_dir: Path, split: str, workdir: Path) 
 # ---------------------------------------------------------------- scoring and reports
 
 
-def score(prediction: Prediction, targets: list[int], class_names: list[str], prefix: str) -> tuple[dict[str, float], torch.Tensor]:
+def score(prediction: Prediction, targets: list[int], class_names: list[str], prefix: str
+          ) -> tuple[dict[str, float], torch.Tensor]:
     """``<prefix>/loss|acc|balanced_acc|f1_macro|f1/<c>|recall/<c>`` and the confusion matrix.
 
     loss = mean negative log of the predicted probability of the true class (cross-entropy for one model).

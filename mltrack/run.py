@@ -9,6 +9,7 @@ exactly that position, uploaded). Only ``kill -9`` leaves it RUNNING: a resume c
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -178,19 +179,35 @@ def train(cfg: RunConfig, resume: Optional[ResumePoint] = None, *, explicit: dic
     preflight_weights(cfg.model)
     if resume is not None:
         check_compatible(resume, cfg, names, digest)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.training.trainer_type != "accelerate":
+        raise UserError(f"training.trainer_type {cfg.training.trainer_type} trains in one process, but this was "
+                        f"started as {os.environ['WORLD_SIZE']} processes (torchrun / accelerate launch); use "
+                        "training.trainer_type: accelerate for several processes")
     previous = _install_signal_handlers()
     try:
         same_run = resume is not None and resume.run_id is not None and \
             os.environ.get("MLFLOW_RUN_ID", resume.run_id) == resume.run_id
-        run_dir = _run_dir(cfg, resume, explicit, same_run)
-        setup_logging(run_dir / "logs" / "train.log")
+        # Under torchrun/accelerate launch only the main process (RANK 0) creates the run folder and the MLflow
+        # run; the others learn the folder from it once the trainer has joined the process group.
+        main = int(os.environ.get("RANK", "0")) == 0
+        run_dir = _run_dir(cfg, resume, explicit, same_run) if main else None
+        if run_dir is not None:
+            setup_logging(run_dir / "logs" / "train.log")
+        else:
+            get_logger().setLevel(logging.WARNING)  # one console: the main process's
         built = _build(cfg, device, names)
+        run_dir = Path(built.trainer.broadcast_object(None if run_dir is None else str(run_dir)))
         if resume is not None:
             _restore(built.ctx, resume, built.loaders.generator)
         _exit_if_stop_requested()
         rng = checkpoint.rng_state()  # opening the run must not move any RNG the training draws from
-        session = _open_session(cfg, run_dir, device, names, digest, resume, same_run, parent_run_id, role,
-                                extra_tags)
+        if built.trainer.is_main_process:
+            session = _open_session(cfg, run_dir, device, names, digest, resume, same_run, parent_run_id, role,
+                                    extra_tags)
+            built.trainer.broadcast_object(session.tracker.run_id)
+        else:
+            tracker = _NoTracker(built.trainer.broadcast_object(None))
+            session = Session(cfg, run_dir, tracker, device, names, digest, resume, new_run=not same_run)
         checkpoint.set_rng_state(rng)
         return _run_session(session, built, epoch_callback, on_start)
     finally:
@@ -289,6 +306,27 @@ def _open_session(cfg: RunConfig, run_dir: Path, device: torch.device, names: li
     return Session(cfg, run_dir, tracker, device, names, digest, resume, new_run=not same_run)
 
 
+class _NoTracker:
+    """The tracker of a non-main process: the run is the main process's, so every call is a no-op."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None: ...
+    def log_figure(self, fig: Any, artifact_file: str) -> None: ...
+    def finish(self, status: str = "FINISHED", reason: str | None = None, **_: Any) -> None: ...
+
+    def metric_steps(self, key: str) -> set[int]:
+        return set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True
+
+
 def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Built:
     from mltrack.data.loaders import build_loaders
     from mltrack.models import build_model
@@ -308,7 +346,7 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
     steps = max(1, -(-len(loader_map["train"]) // cfg.training.gradient_accumulation_steps))
     schedule = build_scheduler(cfg.scheduler, optimizer, cfg.training.num_epochs, steps, cfg.optimizer.lr,
                                mode=cfg.training.monitor_mode)
-    weights = class_weights(cfg, loaders.datasets["train"].targets, len(class_names)).to(device)
+    weights = class_weights(cfg, loaders.datasets["train"].targets, len(class_names)).to(trainer.device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.training.label_smoothing)
     ctx = FitContext(cfg, trainer.compile(model), optimizer, schedule, trainer, loader_map, loss_fn, class_names,
                      progress=_progress_factory(cfg))
@@ -320,7 +358,8 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
     from mltrack.resume import install_weights
 
     cfg, tracker, ctx, trainer = s.cfg, s.tracker, built.ctx, built.trainer
-    _log_run_inputs(s, trainer, built.loaders.sizes)
+    if trainer.is_main_process:
+        _log_run_inputs(s, trainer, built.loaders.sizes)
     if s.resume is not None and trainer.is_main_process:
         uploaded = install_weights(s.resume, s.run_dir / "weights")
         if s.new_run:  # the new run must hold the weights its history refers to
@@ -342,6 +381,7 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
     except Interrupted:
         ckpt_hook.on_interrupt(ctx)  # inside an epoch: a step-granular last.pt, uploaded before KILLED
         raise
+    trainer.wait_for_everyone()  # best.pt is complete before every process loads it for the test evaluation
     from mltrack.report import finalize
 
     test_metrics = finalize(ctx, s.run_dir, tracker, built.loaders)

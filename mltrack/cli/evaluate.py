@@ -1,4 +1,4 @@
-"""``mltrack evaluate``: re-evaluate a run from its MLflow artifacts; one call into :func:`mltrack.evaluate.evaluate_run`."""
+"""``mltrack evaluate``: re-evaluate a run from its MLflow artifacts (:func:`mltrack.evaluate.evaluate_run`)."""
 from __future__ import annotations
 
 import click

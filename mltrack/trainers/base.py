@@ -112,6 +112,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process (picklable; identity on one process)."""
+        return obj
+
     def wait_for_everyone(self) -> None:
         return None
 

@@ -272,7 +272,8 @@ def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
                 sums.cm += confusion_matrix(logits.detach().argmax(1), targets, ctx.num_classes)
             if sync:
                 # The guard needs the value now: a step with a NaN/inf loss must not touch the weights.
-                if bool(torch.isfinite(group_loss)):
+                # Every process must take the same decision, or the DDP replicas diverge.
+                if int(trainer.reduce_sum((~torch.isfinite(group_loss)).to(torch.int64))) == 0:
                     sums.consecutive_bad = 0
                     if trainer.optimizer_step(model, opt):
                         ctx.state.global_step += 1

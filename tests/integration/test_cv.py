@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def test_two_fold_cv_gives_a_parent_whose_aggregates_are_the_childrens_statistic
     assert result.exit_code == 0, result.output
     parent_id = cv_run_id(result.output)
     parent = run_info(parent_id)
-    assert (parent["status"], parent["tags"]["mltrack.role"], parent["tags"]["mltrack.folds"]) == ("FINISHED", "cv", "0,1")
+    assert (parent["status"], parent["tags"]["mltrack.role"], parent["tags"]["mltrack.folds"]) == \
+        ("FINISHED", "cv", "0,1")
     children = child_runs(parent_id)
     assert sorted((c["tags"]["mltrack.role"], c["tags"]["mltrack.fold"], c["status"]) for c in children) == \
         [("fold", "0", "FINISHED"), ("fold", "1", "FINISHED")]
@@ -110,7 +112,7 @@ def test_two_fold_cv_gives_a_parent_whose_aggregates_are_the_childrens_statistic
     assert "mean ± std" in md and "ensemble (soft vote)" in md
     # The parent's model is one pyfunc holding both folds' weights.
     model_json = Path(client.download_artifacts(parent_id, "model/data/mltrack_model/model.json", str(workdir)))
-    assert sorted(m["fold"] for m in __import__("json").loads(model_json.read_text())["members"]) == [0, 1]
+    assert sorted(m["fold"] for m in json.loads(model_json.read_text())["members"]) == [0, 1]
 
 
 def test_fold_subset_runs_only_those_folds_and_a_failing_fold_does_not_stop_the_others(

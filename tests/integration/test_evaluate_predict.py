@@ -7,7 +7,6 @@ with plain torch from the run's best.pt (no mltrack inference code).
 from __future__ import annotations
 
 import csv
-import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +56,18 @@ def torch_probs(best_pt: Path, paths: list[Path], tta: bool = False) -> torch.Te
         return torch.stack([torch.softmax(model(v).double(), 1) for v in views]).mean(0)
 
 
+def only_training_run() -> tuple[str, Path]:
+    """(run id, local run folder) of the one training run in the store (stdout is not parsed: it may be
+    bound to another stream when mltrack.run was imported earlier in the test session)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`mltrack.role` = 'train'")
+    assert len(runs) == 1
+    return runs[0].info.run_id, Path(runs[0].data.tags["mltrack.run_dir"])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("evalpred")
@@ -67,9 +78,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         mp.chdir(start)
         result = invoke(["train", "--data-dir", "ds", "--num-epochs", "2", *TINY])
         assert result.exit_code == 0, result.output
-        run_id = re.search(r"run id:\s+(\w+)", result.output).group(1)
-        run_dir = Path(re.search(r"run folder:\s+(\S+)", result.output).group(1))
-        yield {"root": root, "start": start, "run_id": run_id, "run_dir": start / run_dir,
+        run_id, run_dir = only_training_run()
+        yield {"root": root, "start": start, "run_id": run_id, "run_dir": run_dir,
                "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
@@ -121,7 +131,8 @@ def test_evaluate_val_with_tta_matches_an_independent_flip_average(trained: dict
     start, fold_val = trained["start"], (trained["run_dir"] / "splits" / "fold_0_val.txt").read_text().split()
     names = sorted(p.name for p in (start / "ds" / "raw").iterdir())
     targets = torch.tensor([names.index(rel.split("/")[0]) for rel in fold_val])
-    probs = torch_probs(trained["run_dir"] / "weights" / "best.pt", [start / "ds" / "raw" / r for r in fold_val], tta=True)
+    paths = [start / "ds" / "raw" / r for r in fold_val]
+    probs = torch_probs(trained["run_dir"] / "weights" / "best.pt", paths, tta=True)
     expected_acc = float((probs.argmax(1) == targets).double().mean())
     expected_loss = float(-probs[torch.arange(len(targets)), targets].log().mean())
     metrics = run_metrics(trained["run_id"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,18 @@ def invoke(args: list[str]):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
+def only_training_run() -> tuple[str, Path]:
+    """(run id, local run folder) of the one training run in the store (stdout is not parsed: it may be
+    bound to another stream when mltrack.run was imported earlier in the test session)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`mltrack.role` = 'train'")
+    assert len(runs) == 1
+    return runs[0].info.run_id, Path(runs[0].data.tags["mltrack.run_dir"])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from mltrack.data.splits import make_splits
@@ -50,8 +61,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         mp.chdir(root)
         result = invoke(["train", "--data-dir", str(data), "--num-epochs", "1", *TINY])
         assert result.exit_code == 0, result.output
-        run_id = re.search(r"run id:\s+(\w+)", result.output).group(1)
-        run_dir = root / re.search(r"run folder:\s+(\S+)", result.output).group(1)
+        run_id, run_dir = only_training_run()
         yield {"root": root, "data": data, "run_id": run_id, "run_dir": run_dir, "uri": uri}
 
 

@@ -218,7 +218,8 @@ def test_leakage_checks_on_hand_made_splits(tiny_dataset, case):
         "content": "ERROR   leak: test and the train pool share 1 identical image(s) by content: "
                    "c1/copy.png = c1/img_003.png",
         "fold": "ERROR   leak: fold 0 train and val share 1 path(s): c2/img_002.png",
-        "cover": "ERROR   the folds' val sets do not cover the train pool: 1 image(s) in no val set: c2/img_004.png",
+        # A hand-made single holdout never covers its pool: reported, not a failure on its own.
+        "cover": "WARNING the folds' val sets do not cover the train pool: 1 image(s) in no val set: c2/img_004.png",
         "pool": "ERROR   fold 1: train+val is not the train pool of the other folds (1 missing)",
         "lines": "ERROR   test.txt: 2 invalid line(s): line 4: '../../etc/passwd': '..' component in path, "
                  "line 5: 'c0/img_009.png': file not found",
@@ -241,7 +242,9 @@ def test_leakage_checks_on_hand_made_splits(tiny_dataset, case):
         (splits / "fold_0_test.txt").write_text("c0/img_000.png\n")
     _hand_splits(splits, test, trains, vals)
     report = check_dataset(raw, splits)
-    assert expected in report.lines() and not report.ok
+    assert expected in report.lines()
+    if case != "cover":
+        assert not report.ok
 
 
 def test_split_coverage_warnings(tiny_dataset):

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The full pipeline benchmark on one GPU machine, in one call (about 6-7 minutes, hard stop at 9):
+#     bash bench/run_gpu.sh            # results in $OUT/bench.json, log in $OUT/bench.log
+# Carry .whl/ (mlflow-skinny and its deps) to measure the MLflow-tracked variants; without it they skip.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/.bench/out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site:$PWD"
+  else
+    echo "run_gpu.sh: installing .whl/ failed; going on without it (tracked variants will skip)"
+  fi
+else
+  echo "run_gpu.sh: no .whl/ here; going on without mlflow (tracked variants will skip)"
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
+  python3 - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "torchvision", "timm", "mlflow", "pydantic", "yaml", "PIL", "numpy"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name:12s} {getattr(m, '__version__', '?')}")
+    except Exception as err:  # recorded; the benchmark skips what needs it
+        print(f"{name:12s} MISSING ({type(err).__name__}: {err})")
+EOF
+  timeout -k 10 540 python3 bench/bench_pipeline.py --out "$OUT" --budget-s 420 "$@"
+  echo "run_gpu.sh: bench_pipeline exit status $?"
+} 2>&1 | tee "$OUT/bench.log"
+test -s "$OUT/bench.json" && python3 bench/bench_pipeline.py --markdown "$OUT/bench.json" > "$OUT/bench.md" 2>&1
+exit 0
