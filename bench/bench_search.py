@@ -113,6 +113,7 @@ def one_worker(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def many_workers(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from mltrack.search import run_search
+    from mltrack.tracking import run_info
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     storage = f"journal:{work / 'many.journal'}"
@@ -121,7 +122,10 @@ def many_workers(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                options("bench-many", storage, args.trials, args.workers))
     trials = study_trials(storage, "bench-many")
     first_ask = min(t.datetime_start.timestamp() for t in trials)
-    return {**throughput(trials), "workers": args.workers, "start_to_first_ask_s": first_ask - started}
+    to_run = [run_info(t.user_attrs["mlflow_run_id"])["start_time"] / 1000.0 - t.datetime_start.timestamp()
+              for t in trials]
+    return {**throughput(trials), "workers": args.workers, "start_to_first_ask_s": first_ask - started,
+            "ask_to_run_open_s": statistics.median(to_run), "ask_to_run_open_all_s": [round(x, 3) for x in to_run]}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -134,6 +138,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result: dict[str, Any] = {"host": {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
+                                       "load_average_1m_at_start": os.getloadavg()[0],
                                        "torch": torch.__version__, "optuna": optuna.__version__},
                               "setup": {"data": "digits 1797 images, 10 classes", "config": "configs/digits.yaml",
                                         "space": "configs/search/digits.yaml", "epochs_per_trial": args.epochs,
@@ -160,7 +165,10 @@ def report(result: dict[str, Any]) -> None:
     if many:
         print(f"{many['workers']} worker processes (journal): {many['trials']} trials, {many['trials_per_hour']:.0f} "
               f"trials/hour, median trial {many['trial_wall_median_s']:.1f} s, "
-              f"search start -> first trial asked {many['start_to_first_ask_s']:.1f} s")
+              f"search start -> first trial asked {many['start_to_first_ask_s']:.1f} s, ask -> MLflow run open "
+              f"{many['ask_to_run_open_s']:.2f} s (all: {many['ask_to_run_open_all_s']}; a fresh worker imports "
+              "torch and mlflow in its first trial)")
+    print(f"load average (1 min) at start: {result['host']['load_average_1m_at_start']:.1f}")
 
 
 if __name__ == "__main__":

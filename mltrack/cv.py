@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -116,16 +117,19 @@ def fold_table_csv(outcomes: list[FoldOutcome]) -> str:
     return buffer.getvalue()
 
 
-def fold_table_markdown(outcomes: list[FoldOutcome], aggregates: dict[str, float], ensemble: dict[str, float]) -> str:
+def fold_table_markdown(outcomes: list[FoldOutcome], aggregates: dict[str, float],
+                        ensemble: dict[str, float]) -> str:
     """A readable table of the main metrics per fold, mean ± std (population) and the ensemble."""
     head = ["fold", "status", "best epoch", *TABLE_KEYS, "run id"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for o in outcomes:
+        who = " ".join(filter(None, [o.run_id, o.error[:80]]))
         cells = [str(o.fold), o.status, str(o.best_epoch) if o.status == "FINISHED" else "",
-                 *(_fmt(o.metrics.get(k)) for k in TABLE_KEYS), o.run_id or o.error[:80]]
+                 *(_fmt(o.metrics.get(k)) for k in TABLE_KEYS), who]
         lines.append("| " + " | ".join(cells) + " |")
     if aggregates:
-        cells = [f"{_fmt(aggregates.get(f'cv/{k}_mean'))} ± {_fmt(aggregates.get(f'cv/{k}_std'))}" for k in TABLE_KEYS]
+        cells = [f"{_fmt(aggregates.get(f'cv/{k}_mean'))} ± {_fmt(aggregates.get(f'cv/{k}_std'))}"
+                 for k in TABLE_KEYS]
         lines.append("| mean ± std | | | " + " | ".join(cells) + " | |")
     if ensemble:
         cells = ["" if k.startswith("val/") else _fmt(ensemble.get(f"ensemble/{k}")) for k in TABLE_KEYS]
@@ -154,7 +158,7 @@ def train_fold(cfg: RunConfig, fold: int, parent_id: str, explicit: dict[str, An
                        extra_tags={"mltrack.cv_run_id": parent_id})
     except Exception as err:  # noqa: BLE001 - one fold's failure must not stop the others
         log.error("cv: fold %d failed: %s: %s", fold, type(err).__name__, err)
-        return FoldOutcome(fold, "FAILED", error=f"{type(err).__name__}: {err}"[:1000])
+        return FoldOutcome(fold, "FAILED", _failed_run(parent_id, fold), error=f"{type(err).__name__}: {err}"[:1000])
     outcome = FoldOutcome(fold, result.status, result.run_id, result.run_dir, result.best_epoch)
     best = result.run_dir / "weights" / "best.pt"
     if best.is_file():
@@ -163,6 +167,17 @@ def train_fold(cfg: RunConfig, fold: int, parent_id: str, explicit: dict[str, An
         outcome.metrics.update({k: float(v) for k, v in row.items() if k.startswith("val/")})
     outcome.metrics.update({k: float(v) for k, v in result.test_metrics.items()})
     return outcome
+
+
+def _failed_run(parent_id: str, fold: int) -> Optional[str]:
+    """The id of the child run a failed fold left (None if it failed before its run was opened)."""
+    from mltrack.tracking import child_runs
+
+    try:
+        runs = [r for r in child_runs(parent_id) if r["tags"].get("mltrack.fold") == str(fold)]
+    except Exception:  # noqa: BLE001 - the store may be unreachable; the table then shows the error only
+        return None
+    return runs[-1]["run_id"] if runs else None
 
 
 # ---------------------------------------------------------------- the ensemble
@@ -218,6 +233,7 @@ def run_cv(cfg: RunConfig, folds: list[int] | None = None, explicit: dict[str, A
     explicit = {k: v for k, v in (explicit or {}).items() if k != "data.fold"}
     name = cfg.tracking.run_name or re.sub(r"_fold_\d+$", "_cv", run_name(cfg, explicit))
     run_dir = unique_dir(Path(cfg.tracking.runs_dir), name)
+    _log_to(run_dir)
     tags = {"mltrack.role": "cv", "mltrack.dataset": cfg.data.dataset_name,
             "mltrack.trainer_type": cfg.training.trainer_type, "mltrack.folds": ",".join(map(str, chosen)),
             "mltrack.run_dir": str(run_dir.resolve())}
@@ -252,9 +268,17 @@ def _log_inputs(parent: Any, cfg: RunConfig, folds: list[int], run_dir: Path) ->
     parent.log_artifact(run_dir / "config.yaml")
 
 
+def _log_to(run_dir: Path) -> None:
+    """Console + ``<run_dir>/logs/cv.log`` (each fold's training points the log file at its own folder)."""
+    from mltrack.console import setup_logging
+
+    setup_logging(run_dir / "logs" / "cv.log", os.environ.get("MLTRACK_LOG_LEVEL", "INFO"))
+
+
 def _summarise(parent: Any, cfg: RunConfig, outcomes: list[FoldOutcome], run_dir: Path) -> CVResult:
     from mltrack.predict import MODEL_ARTIFACT, example_image, package_model
 
+    _log_to(run_dir)
     aggregates = aggregate(outcomes)
     ensemble, states, members = evaluate_ensemble(cfg, outcomes, run_dir / "ensemble")
     if aggregates or ensemble:
@@ -274,4 +298,5 @@ def _summarise(parent: Any, cfg: RunConfig, outcomes: list[FoldOutcome], run_dir
     result = CVResult(parent.run_id, run_dir, outcomes, aggregates, ensemble)
     if not result.failed:
         success(f"cv: {len(outcomes)} folds finished")
+    parent.log_artifact(run_dir / "logs" / "cv.log", "logs")
     return result

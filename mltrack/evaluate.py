@@ -223,6 +223,9 @@ def evaluate_run(run_id: str, split: str = "test", *, tta: bool = False, data_di
                           bundle.class_names)
         step = len(metric_history(run_id, f"{prefix}/acc"))
         log_to_run(run_id, metrics, step, tags={"mltrack.eval_data_dir": str(images)}, artifacts=[(out, prefix)])
+        wrapper = os.environ.get("MLFLOW_RUN_ID")
+        if wrapper and wrapper != run_id:  # inside `mlflow run -e evaluate`: that run records what it did
+            log_to_run(wrapper, metrics, 0, tags={"mltrack.role": "eval", "mltrack.evaluated_run": run_id})
     log.info("%s: acc %.4f  loss %.4f  F1 macro %.4f  (%d images, logged to run %s at step %d)", prefix,
              metrics[f"{prefix}/acc"], metrics[f"{prefix}/loss"], metrics[f"{prefix}/f1_macro"], len(samples),
              run_id, step)

@@ -37,8 +37,11 @@ def _eval_loader(ctx: FitContext, split: str, template: DataLoader) -> DataLoade
                       generator=torch.Generator().manual_seed(ctx.cfg.training.seed + 3))
 
 
-def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any) -> dict[str, float]:
-    """Best weights -> reports for train/val/test, confusion plots, summary; returns ``test/*`` metrics."""
+def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any, resumed: bool = False) -> dict[str, float]:
+    """Best weights -> reports for train/val/test, confusion plots, summary; returns ``test/*`` metrics.
+
+    ``resumed``: the run may already hold ``test/*`` at this step (a FINISHED run extended, or a crash after
+    they were logged); they are then not logged twice."""
     best = run_dir / "weights" / "best.pt"
     model = ctx.trainer.unwrap(ctx.model)
     if best.is_file():
@@ -61,7 +64,7 @@ def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any) -> dict
     if not ctx.trainer.is_main_process:
         return test_metrics
     step = max(ctx.state.best_epoch, 0)
-    if step not in tracker.metric_steps("test/loss"):  # a resumed FINISHED run: one value per (key, step)
+    if not (resumed and step in tracker.metric_steps("test/loss")):  # one value per (key, step)
         tracker.log_metrics(test_metrics, step=step)
     summary = _summary(ctx, results)
     (run_dir / "summary.txt").write_text(summary)

@@ -384,7 +384,7 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
     trainer.wait_for_everyone()  # best.pt is complete before every process loads it for the test evaluation
     from mltrack.report import finalize
 
-    test_metrics = finalize(ctx, s.run_dir, tracker, built.loaders)
+    test_metrics = finalize(ctx, s.run_dir, tracker, built.loaders, resumed=s.resume is not None)
     trainer.end()
     return TrainResult(tracker.run_id, s.run_dir, ctx.state.best_epoch, ctx.state.best_metric, test_metrics)
 
@@ -511,8 +511,9 @@ def _restore_signal_handlers(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def print_final(result: TrainResult, out: Any = sys.stdout) -> None:
+def print_final(result: TrainResult, out: Any = None) -> None:
     """The closing block of a training run: where it is and how to look at it."""
+    out = out if out is not None else sys.stdout  # resolved per call: CliRunner swaps sys.stdout
     acc = result.test_metrics.get("test/acc")
     lines = [
         "",

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,27 +33,21 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mltrack.config import RunConfig, replace
 from mltrack.console import get_logger, setup_logging
-from mltrack.errors import CheckpointError, ConfigError, UserError
-from mltrack.search_space import (STUDY_RUN_ATTR, AskLock, SearchOptions, SearchResult, apply_params, ask_lock_path,
-                                  check_workers, grid, grid_size, install_stop_handler, journal_path, open_study_run,
-                                  read_worker_spec, redact_storage, restore_stop_handler, retrain_best,
-                                  run_worker_processes, stop_requested, storage_kind, write_best_config)
+from mltrack.errors import ConfigError, UserError
+from mltrack.search_space import (HEARTBEAT_ATTR, RUN_ATTR, STUDY_RUN_ATTR, AskLock, SearchIncomplete, SearchOptions,
+                                  SearchResult, apply_params, ask_lock_path, check_workers, close_orphan_runs,
+                                  grace_s, grid, install_stop_handler, journal_path, open_study_run, open_trial_run,
+                                  read_worker_spec, redact_storage, restore_stop_handler, resume_point, retrain_best,
+                                  run_worker_processes, stop_requested, storage_kind, trial_target, write_best_config)
 
 log = get_logger()
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat, retry callback, matplotlib plots
-RUN_ATTR = "mlflow_run_id"
-HEARTBEAT_ATTR = "mltrack.heartbeat"
 POLL_S = 1.0  # how often an idle worker looks for trials to retry while others hold the remaining budget
 MAX_CONSECUTIVE_FAILURES = 3
 
 
 class TrialError(Exception):
     """A trial failed for a reason of its own (non-finite loss, out of memory): the study goes on."""
-
-
-def grace_s(heartbeat_s: int) -> int:
-    """Seconds without a heartbeat after which a RUNNING trial counts as lost."""
-    return 2 * heartbeat_s + 5
 
 
 # ---------------------------------------------------------------- storage, sampler, pruner, study
@@ -127,11 +120,6 @@ def open_study(opts: SearchOptions, cfg: RunConfig, storage: optuna.storages.Bas
     return study
 
 
-def trial_target(opts: SearchOptions) -> int:
-    """Finished trials the study aims for: ``n_trials``, or fewer when a grid has fewer points."""
-    return min(opts.n_trials, grid_size(opts.space)) if opts.sampler == "grid" else opts.n_trials
-
-
 def counts(study: optuna.Study) -> dict[str, int]:
     """Trials per state name (COMPLETE, PRUNED, FAIL, RUNNING, WAITING) plus ``done`` = COMPLETE + PRUNED."""
     out = {state.name: 0 for state in TrialState}
@@ -144,26 +132,14 @@ def counts(study: optuna.Study) -> dict[str, int]:
 # ---------------------------------------------------------------- lost trials
 
 
-def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbeat within the grace period") -> None:
+def retry_lost_trial(study: optuna.Study, trial: FrozenTrial,
+                     why: str = "no heartbeat within the grace period") -> None:
     """Called once per lost trial (already FAIL; by Optuna's heartbeat check or by :func:`fail_and_retry`):
     close its MLflow runs still RUNNING as FAILED, then re-queue it once with the same params."""
     log.warning("trial %d (worker %s) marked FAIL: %s; retrying it once with the same params", trial.number,
                 trial.user_attrs.get("mltrack.worker", "unknown"), why)
     close_orphan_runs(trial.user_attrs, f"worker lost: {why}")
     RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)(study, trial)
-
-
-def close_orphan_runs(user_attrs: dict[str, Any], reason: str) -> None:
-    """Set every MLflow run of a trial that is still RUNNING to FAILED (its process is gone)."""
-    from mltrack.tracking import run_info, set_run_status
-
-    for key, run_id in user_attrs.items():
-        if key == RUN_ATTR or key.startswith("mltrack.fold_run."):
-            try:
-                if run_info(str(run_id))["status"] == "RUNNING":
-                    set_run_status(str(run_id), "FAILED", reason)
-            except CheckpointError:
-                pass  # the run was deleted: nothing to close
 
 
 def fail_and_retry(study: optuna.Study, storage: optuna.storages.BaseStorage, number: int, reason: str) -> bool:
@@ -295,7 +271,8 @@ class Objective:
 
         fold = self.opts.folds[index]
         suffix = f"_fold_{fold}" if len(self.opts.folds) > 1 else ""
-        cfg = replace(cfg, **{"data.fold": fold, "tracking.run_name": f"{self.opts.study_name}_trial_{trial.number}{suffix}"})
+        name = f"{self.opts.study_name}_trial_{trial.number}{suffix}"
+        cfg = replace(cfg, **{"data.fold": fold, "tracking.run_name": name})
         resume = resume_point(previous.get(run_attr))
         reporter = _Reporter(trial, self.opts.metric, index * cfg.training.num_epochs)
         try:
@@ -314,7 +291,9 @@ class Objective:
 
     def _folds(self, trial: optuna.Trial, cfg: RunConfig, params: dict[str, Any], previous: dict[str, Any],
                tags: dict[str, str]) -> float:
-        tracker = self._trial_run(trial, params, previous, tags)
+        tracker = open_trial_run(self.cfg, self.opts, self.study_run_id, trial.number, params, tags,
+                                 previous.get(RUN_ATTR))
+        trial.set_user_attr(RUN_ATTR, tracker.run_id)
         status, reason = "FAILED", "exception"
         try:
             values = []
@@ -338,48 +317,6 @@ class Objective:
         finally:
             tracker.finish(status, reason)
 
-    def _trial_run(self, trial: optuna.Trial, params: dict[str, Any], previous: dict[str, Any],
-                   tags: dict[str, str]) -> Any:
-        """The trial's own MLflow run when it spans several folds (re-opened by a retry)."""
-        from mltrack.tracking import Tracker
-
-        cfg = self.cfg
-        run_tags = {**tags, "mltrack.role": "trial", "mltrack.dataset": cfg.data.dataset_name,
-                    "mltrack.trainer_type": cfg.training.trainer_type,
-                    "mltrack.folds": ",".join(map(str, self.opts.folds))}
-        old = previous.get(RUN_ATTR)
-        start = partial(Tracker.start, cfg.tracking.experiment_name or cfg.data.dataset_name,
-                        f"{self.opts.study_name}_trial_{trial.number}", run_tags, parent_run_id=self.study_run_id,
-                        spool_dir=Path(cfg.tracking.runs_dir) / ".tracking")
-        try:
-            tracker = start(resume_run_id=old)
-        except CheckpointError:  # the lost trial's run was deleted meanwhile
-            old, tracker = None, start()
-        trial.set_user_attr(RUN_ATTR, tracker.run_id)
-        if old is None:
-            tracker.log_params({**params, "search.folds": run_tags["mltrack.folds"]})
-        return tracker
-
-
-def resume_point(run_id: Optional[str]) -> Any:
-    """The last checkpoint of a lost trial's run (local copy first, else the logged artifact), or None
-    when the run never got to write one (the retry then starts afresh, in a new run)."""
-    if not run_id:
-        return None
-    from mltrack.resume import open_resume
-    from mltrack.tracking import run_info
-
-    try:
-        run_dir = run_info(run_id)["tags"].get("mltrack.run_dir", "")
-        local = Path(run_dir) / "weights" / "last.pt" if run_dir else None
-        uri = str(local) if local is not None and local.is_file() else f"runs:/{run_id}/weights/last.pt"
-        point = open_resume(uri)
-    except CheckpointError as err:
-        log.info("retry of run %s starts afresh: %s", run_id, err)
-        return None
-    log.info("retry resumes run %s from %s (epoch %d)", run_id, uri, point.state["progress"]["epoch"])
-    return point
-
 
 # ---------------------------------------------------------------- workers
 
@@ -401,7 +338,8 @@ def run_worker(cfg: RunConfig, opts: SearchOptions, study_run_id: str, worker_in
     target, started, ran, failures = trial_target(opts), time.monotonic(), 0, 0
     while not stop_requested():
         if opts.timeout is not None and time.monotonic() - started >= opts.timeout:
-            log.info("study %s: --timeout %.0f s reached; no new trials from this worker", opts.study_name, opts.timeout)
+            log.info("study %s: --timeout %.0f s reached; no new trials from this worker", opts.study_name,
+                     opts.timeout)
             break
         with lock:
             reconcile(study, storage, opts)
@@ -441,7 +379,8 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, object
 def run_worker_from_spec(spec_path: str, worker_index: int) -> int:
     """Entry point of a worker process (``mltrack search --worker <spec>``)."""
     cfg, opts, study_run_id = read_worker_spec(spec_path)
-    log_file = Path(cfg.tracking.runs_dir) / f"study_{opts.study_name}" / "logs" / f"worker_{worker_index}_{os.getpid()}.log"
+    logs = Path(cfg.tracking.runs_dir) / f"study_{opts.study_name}" / "logs"
+    log_file = logs / f"worker_{worker_index}_{os.getpid()}.log"
     setup_logging(log_file, os.environ.get("MLTRACK_LOG_LEVEL", "INFO"))
     previous = install_stop_handler()
     try:
@@ -499,10 +438,6 @@ def run_search(cfg: RunConfig, opts: SearchOptions) -> SearchResult:
         best_cfg = apply_params(cfg, study.best_trial.params)
         result.retrain_run_ids = retrain_best(best_cfg, opts, tracker.run_id, study.best_trial.number)
     return result
-
-
-class SearchIncomplete(UserError):
-    exit_code = 1
 
 
 def summarize(study: optuna.Study, cfg: RunConfig, opts: SearchOptions, tracker: Any, study_dir: Path) -> SearchResult:

@@ -1,5 +1,6 @@
-"""Search spaces, search settings and storage URLs as plain data: no optuna import, so the CLI and the
-unit tests use it cheaply (``mltrack.search`` turns these into Optuna objects).
+"""Everything of a search that needs no optuna import (``mltrack.search`` is the only module importing it):
+search spaces and settings as plain data, storage URLs, the worker processes and their ask lock, and the
+MLflow side of studies and trials. The CLI and the unit tests use it cheaply.
 
 A space file is YAML mapping a dotted config key to a distribution::
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import urlsplit, urlunsplit
@@ -32,7 +34,7 @@ import yaml
 
 from mltrack.config import RunConfig, replace, to_dict, to_yaml, validate
 from mltrack.console import get_logger
-from mltrack.errors import ConfigError
+from mltrack.errors import ConfigError, UserError
 
 log = get_logger()
 
@@ -136,7 +138,8 @@ def _spec(key: str, raw: Any, source: str) -> ParamSpec:
         raise ConfigError(f"{where} must be a mapping like {{type: float, low: 0.001, high: 0.1}}, got {raw!r}")
     unknown = set(raw) - _FIELDS
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_FIELDS))}")
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(sorted(_FIELDS))}")
     kind = raw.get("type")
     if kind == "categorical":
         return _categorical(key, raw, where)
@@ -167,7 +170,8 @@ def _numeric(key: str, kind: str, raw: dict[str, Any], where: str) -> ParamSpec:
     number = int if kind == "int" else (int, float)
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, number):
-            raise ConfigError(f"{where}: '{name}' must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+            wanted = "an integer" if kind == "int" else "a number"
+            raise ConfigError(f"{where}: '{name}' must be {wanted}, got {value!r}")
     if not low < high:
         raise ConfigError(f"{where}: low ({low}) must be smaller than high ({high})")
     if log and low <= 0:
@@ -178,7 +182,8 @@ def _numeric(key: str, kind: str, raw: dict[str, Any], where: str) -> ParamSpec:
         if isinstance(step, bool) or not isinstance(step, number) or step <= 0:
             raise ConfigError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'}")
     cast = int if kind == "int" else float
-    return ParamSpec(key, kind, cast(low), cast(high), log, None if step is None else cast(step))  # type: ignore[arg-type]
+    return ParamSpec(key, kind, cast(low), cast(high), log,  # type: ignore[arg-type]
+                     None if step is None else cast(step))
 
 
 def _check_against_config(spec: ParamSpec, base: RunConfig, source: str) -> None:
@@ -353,7 +358,7 @@ class AskLock:
         self.path, self._fd = path, None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDONLY, 0o666)  # flock needs no write access
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._fd = fd
 
@@ -483,7 +488,8 @@ def print_summary(result: SearchResult, out: Any = None) -> None:
 
     c = result.counts
     lines = ["", f"study:          {result.study_name}  (MLflow run {result.study_run_id})",
-             f"trials:         {c['done']} finished: {c['COMPLETE']} complete, {c['PRUNED']} pruned; {c['FAIL']} failed"]
+             f"trials:         {c['done']} finished: {c['COMPLETE']} complete, {c['PRUNED']} pruned; "
+             f"{c['FAIL']} failed"]
     if result.best_trial is not None:
         lines += [f"best trial:     {result.best_trial}  value {result.best_value:.6g}  run {result.best_run_id}",
                   f"best config:    {result.best_config}",
@@ -492,3 +498,82 @@ def print_summary(result: SearchResult, out: Any = None) -> None:
         lines.append(f"retrained runs: {', '.join(result.retrain_run_ids)}")
     lines.append(f"compare runs:   mlflow ui --backend-store-uri {tracking_uri()}")
     print("\n".join(lines), file=out or sys.stdout, flush=True)
+
+# ---------------------------------------------------------------- trials on the MLflow side
+
+RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run (its training run, or its trial run with folds)
+HEARTBEAT_ATTR = "mltrack.heartbeat"  # trial user attr (journal storage): unix time of the last sign of life
+
+
+class SearchIncomplete(UserError):
+    """The workers ended before the study reached its target (no --timeout): rerun to continue it."""
+
+    exit_code = 1
+
+
+def grace_s(heartbeat_s: int) -> int:
+    """Seconds without a heartbeat after which a RUNNING trial counts as lost."""
+    return 2 * heartbeat_s + 5
+
+
+def trial_target(opts: SearchOptions) -> int:
+    """Finished trials the study aims for: ``n_trials``, or fewer when a grid has fewer points."""
+    return min(opts.n_trials, grid_size(opts.space)) if opts.sampler == "grid" else opts.n_trials
+
+
+def open_trial_run(cfg: RunConfig, opts: SearchOptions, study_run_id: str, number: int, params: dict[str, Any],
+                   tags: dict[str, str], old_run_id: Optional[str]) -> Any:
+    """The MLflow run of a trial that spans several folds (no training of its own: params, fold values and
+    their mean); a retry re-opens ``old_run_id``. Returns its Tracker."""
+    from mltrack.errors import CheckpointError
+    from mltrack.tracking import Tracker
+
+    folds = ",".join(map(str, opts.folds))
+    run_tags = {**tags, "mltrack.role": "trial", "mltrack.dataset": cfg.data.dataset_name,
+                "mltrack.trainer_type": cfg.training.trainer_type, "mltrack.folds": folds}
+    start = partial(Tracker.start, cfg.tracking.experiment_name or cfg.data.dataset_name,
+                    f"{opts.study_name}_trial_{number}", run_tags, parent_run_id=study_run_id,
+                    spool_dir=Path(cfg.tracking.runs_dir) / ".tracking")
+    try:
+        tracker = start(resume_run_id=old_run_id)
+    except CheckpointError:  # the lost trial's run was deleted meanwhile
+        old_run_id, tracker = None, start()
+    if old_run_id is None:
+        tracker.log_params({**params, "search.folds": folds})
+    return tracker
+
+
+def close_orphan_runs(user_attrs: dict[str, Any], reason: str) -> None:
+    """Set every MLflow run of a trial that is still RUNNING to FAILED (its process is gone)."""
+    from mltrack.errors import CheckpointError
+    from mltrack.tracking import run_info, set_run_status
+
+    for key, run_id in user_attrs.items():
+        if key == RUN_ATTR or key.startswith("mltrack.fold_run."):
+            try:
+                if run_info(str(run_id))["status"] == "RUNNING":
+                    set_run_status(str(run_id), "FAILED", reason)
+            except CheckpointError:
+                pass  # the run was deleted: nothing to close
+
+
+
+def resume_point(run_id: Optional[str]) -> Any:
+    """The last checkpoint of a lost trial's run (local copy first, else the logged artifact), or None
+    when the run never got to write one (the retry then starts afresh, in a new run)."""
+    if not run_id:
+        return None
+    from mltrack.errors import CheckpointError
+    from mltrack.resume import open_resume
+    from mltrack.tracking import run_info
+
+    try:
+        run_dir = run_info(run_id)["tags"].get("mltrack.run_dir", "")
+        local = Path(run_dir) / "weights" / "last.pt" if run_dir else None
+        uri = str(local) if local is not None and local.is_file() else f"runs:/{run_id}/weights/last.pt"
+        point = open_resume(uri)
+    except CheckpointError as err:
+        log.info("retry of run %s starts afresh: %s", run_id, err)
+        return None
+    log.info("retry resumes run %s from %s (epoch %d)", run_id, uri, point.state["progress"]["epoch"])
+    return point

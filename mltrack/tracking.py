@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Sequence
 
 import mlflow.artifacts
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -403,7 +403,7 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def log_to_run(run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None,
-               artifacts: list[tuple[Path, str | None]] = ()) -> None:
+               artifacts: Sequence[tuple[Path, str | None]] = ()) -> None:
     """Synchronously add metrics (at ``step``), tags and artifacts ``(local file or dir, artifact dir)`` to an
     existing run *without* changing its status, end time or params (evaluation of a finished run)."""
     _fast_fail_http_defaults()

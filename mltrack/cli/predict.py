@@ -39,7 +39,8 @@ def predict(model: str, input_path: Path, output: Path, top_k: int, batch_size: 
     with progress(len(inputs), "predict") as advance:
         summary = predict_to_csv(predictor, inputs, output, top_k=top_k, batch_size=batch_size,
                                  num_workers=workers, tta=tta, skip_bad=skip_bad, advance=advance)
-    if summary.errors:
-        click.echo(f"{len(summary.errors)} unreadable image(s) written with an error, e.g. "
-                   f"{next(iter(summary.errors.items()))}", err=True)
-    success(f"{summary.n_images} predictions written to {summary.output}")
+    bad = len(summary.errors)
+    if bad:
+        path, why = next(iter(summary.errors.items()))
+        click.echo(f"{bad} unreadable image(s) written as rows with an error, e.g. {path}: {why}", err=True)
+    success(f"{summary.n_images - bad} predictions written to {summary.output}")

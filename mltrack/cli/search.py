@@ -12,6 +12,7 @@ from typing import Any, Optional
 import click
 
 from mltrack.cli.train import config_options, load_cli_config
+from mltrack.search_space import PRUNERS, SAMPLERS
 
 SPACE_DIR = Path("configs/search")  # default space: configs/search/<dataset_name>.yaml when --space is absent
 
@@ -30,9 +31,8 @@ SPACE_DIR = Path("configs/search")  # default space: configs/search/<dataset_nam
 @click.option("--storage", type=str, default=None, envvar="MLTRACK_SEARCH_STORAGE",
               help="Optuna storage: sqlite:///optuna.db (one worker), journal:./optuna.journal (processes of "
                    "one host) or postgresql://user:password@host/db (several hosts).  [default: sqlite:///optuna.db]")
-@click.option("--sampler", type=click.Choice(["tpe", "random", "grid", "cmaes"]), default="tpe", show_default=True)
-@click.option("--pruner", type=click.Choice(["median", "percentile", "hyperband", "none"]), default="median",
-              show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
 @click.option("--metric", type=str, default="val/acc", show_default=True,
               help="Epoch metric reported for pruning; a fold's value is its best epoch.")
 @click.option("--direction", type=click.Choice(["maximize", "minimize"]), default="maximize", show_default=True)

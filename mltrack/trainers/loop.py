@@ -209,7 +209,7 @@ def _stop_inside_epoch(ctx: FitContext, sums: _EpochSums, done: int) -> Interrup
     return Interrupted(STOP_REQUESTED)
 
 
-def _batches(ctx: FitContext, loader: DataLoader, skip: int) -> Iterator[tuple[int, Any]]:
+def _batches(loader: DataLoader, skip: int) -> Iterator[tuple[int, Any]]:
     """``(index, batch)`` of the train loader from batch ``skip`` on.
 
     Resuming inside an epoch, the first ``skip`` batches are fetched (so each DataLoader worker's RNG
@@ -245,7 +245,7 @@ def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
     trainer.zero_grad(opt)
     with _bar(ctx, n_batches, f"epoch {ctx.state.epoch} train") as advance:
         advance(skip)
-        batches = _batches(ctx, loader, skip)
+        batches = _batches(loader, skip)
         i = skip - 1
         while True:
             try:

@@ -55,8 +55,9 @@ def fold_value(child: dict, key: str) -> float:
         max(history)]
 
 
-def ensemble_accuracy(children: list[dict], data_dir: Path, dl: Path) -> float:
-    """Soft vote recomputed with plain torch from the children's logged best.pt (transform 'none', 8 px)."""
+def soft_vote(children: list[dict], data_dir: Path, dl: Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(test paths, mean softmax, labels), recomputed with plain torch from the children's logged best.pt
+    (transform 'none' on 8 px images: pixels / 255)."""
     from mltrack.config import ModelConfig
     from mltrack.models import build_model
     from mltrack.tracking import download_artifact
@@ -73,7 +74,7 @@ def ensemble_accuracy(children: list[dict], data_dir: Path, dl: Path) -> float:
         model.load_state_dict(state["model"])
         with torch.no_grad():
             probs.append(torch.softmax(model(x).double(), 1))
-    return float((torch.stack(probs).mean(0).argmax(1) == y).double().mean())
+    return [str(data_dir / "raw" / r) for r in rels], torch.stack(probs).mean(0), y
 
 
 def test_two_fold_cv_gives_a_parent_whose_aggregates_are_the_childrens_statistics(workdir: Path) -> None:
@@ -99,7 +100,9 @@ def test_two_fold_cv_gives_a_parent_whose_aggregates_are_the_childrens_statistic
         assert metrics[f"cv/{key}_std"] == pytest.approx(np.std(values), abs=1e-12), key
         assert (metrics[f"cv/{key}_min"], metrics[f"cv/{key}_max"]) == (min(values), max(values)), key
     assert metrics["cv/n_folds"] == 2
-    assert metrics["ensemble/test/acc"] == pytest.approx(ensemble_accuracy(children, data, workdir / "dl"), abs=1e-12)
+    paths, vote, labels = soft_vote(children, data, workdir / "dl")
+    vote_acc = float((vote.argmax(1) == labels).double().mean())
+    assert metrics["ensemble/test/acc"] == pytest.approx(vote_acc, abs=1e-12)
     client = MlflowClient()
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"config.yaml", "cv", "ensemble", "model"}
     assert {a.path for a in client.list_artifacts(parent_id, "ensemble")} >= {
@@ -113,10 +116,27 @@ def test_two_fold_cv_gives_a_parent_whose_aggregates_are_the_childrens_statistic
     # The parent's model is one pyfunc holding both folds' weights.
     model_json = Path(client.download_artifacts(parent_id, "model/data/mltrack_model/model.json", str(workdir)))
     assert sorted(m["fold"] for m in json.loads(model_json.read_text())["members"]) == [0, 1]
+    # ... and registers as one model whose predictions are the soft vote.
+    runner = CliRunner()
+    assert runner.invoke(cli, ["register", "--run", parent_id, "--name", "cv-ensemble", "--alias", "champion"],
+                         catch_exceptions=False).exit_code == 0
+    test_dir = workdir / "test_images"
+    test_dir.mkdir()
+    for i, path in enumerate(paths):  # numbered copies keep the order of test.txt
+        (test_dir / f"{i:03d}.png").write_bytes(Path(path).read_bytes())
+    out = workdir / "ensemble.csv"
+    result = runner.invoke(cli, ["predict", "--model", "models:/cv-ensemble@champion", "--input", str(test_dir),
+                                 "--output", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    got = torch.tensor([[float(r[f"prob_c{c}"]) for c in range(3)] for r in rows], dtype=torch.float64)
+    assert torch.allclose(got, vote, atol=1e-6)
 
 
 def test_fold_subset_runs_only_those_folds_and_a_failing_fold_does_not_stop_the_others(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
     from mltrack.tracking import child_runs, run_info, run_metrics
     from mltrack.trainers import loop
 
@@ -140,6 +160,10 @@ def test_fold_subset_runs_only_those_folds_and_a_failing_fold_does_not_stop_the_
     by_fold = {c["tags"]["mltrack.fold"]: c for c in child_runs(parent_id)}
     assert sorted(by_fold) == ["0", "2"]  # fold 1 was not asked for
     assert by_fold["0"]["status"] == "FAILED" and "injected fault" in by_fold["0"]["tags"]["mltrack.exit_reason"]
+    table = Path(MlflowClient().download_artifacts(parent_id, "cv/folds.csv", str(workdir))).read_text()
+    failed_row = next(r for r in csv.DictReader(io.StringIO(table)) if r["fold"] == "0")
+    assert (failed_row["status"], failed_row["run_id"]) == ("FAILED", by_fold["0"]["run_id"])
+    assert "injected fault in fold 0" in failed_row["error"]
     assert by_fold["2"]["status"] == "FINISHED"
     metrics = run_metrics(parent_id)
     assert metrics["cv/n_folds"] == 1

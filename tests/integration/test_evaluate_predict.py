@@ -207,3 +207,23 @@ def test_predict_stops_at_a_bad_image_unless_told_to_skip_it(trained: dict, else
     assert rows["broken.png"]["error"] and rows["broken.png"]["label"] == ""
     assert rows["good.png"]["error"] == "" and rows["good.png"]["label"] in ("c0", "c1", "c2")
     assert invoke(["predict", "--model", "runs:/" + "0" * 32 + "/model", "--input", str(images)]).exit_code == 2
+
+
+def test_logged_pyfunc_takes_paths_bytes_and_data_uris_alike(trained: dict, elsewhere: Path) -> None:
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(f"runs:/{trained['run_id']}/model")
+    image = trained["start"] / "ds" / "raw" / "c2" / "img_004.png"
+    raw = image.read_bytes()
+    frame = pd.DataFrame({"image": [str(image), raw, "data:image/png;base64," + base64.b64encode(raw).decode()]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["label", "prob_c0", "prob_c1", "prob_c2"]
+    expected = torch_probs(trained["run_dir"] / "weights" / "best.pt", [image])[0].tolist()
+    for _, row in out.iterrows():
+        assert [row["prob_c0"], row["prob_c1"], row["prob_c2"]] == pytest.approx(expected, abs=1e-6)
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+    with pytest.raises(Exception, match="not an image"):
+        model.predict(pd.DataFrame({"image": [b"definitely not an image"]}))

@@ -236,3 +236,10 @@ def test_corrupted_artifact_is_detected_and_previous_checkpoint_used(
     rc, out, _ = _invoke(store, ["train", "--resume", uri], monkeypatch)
     assert rc == 2 and f"run {run_id} is FINISHED after 4 epochs; pass --num-epochs larger than 4" in out, out
     assert store.run(run_id).info.status == "FINISHED"
+    # models:/<name>@<alias> resumes the training run of that model version, from its last.pt.
+    from mltrack.resume import open_resume
+    from mltrack.tracking import register_model
+
+    register_model(run_id, "tiny-clf", "champion")
+    point = open_resume("models:/tiny-clf@champion")
+    assert (point.run_id, point.uri, point.state["progress"]["epoch"]) == (run_id, uri, EPOCHS)

@@ -112,7 +112,7 @@ def test_server_killed_in_epoch_2_and_restarted_10s_later(tmp_path_factory: pyte
                                                           servers: list[Server]) -> None:
     root = Session.setup(tmp_path_factory)
     srv = _server(root / "outage_srv", servers)
-    epochs = 12
+    epochs = 40  # short epochs, many of them: training goes on while the server is down and when it is back
     cli = _train(root, "outage", srv.uri, epochs, MLTRACK_FINISH_TIMEOUT_S="90")
     cli.wait_for("Epoch 0/")
     srv.kill()
@@ -125,6 +125,8 @@ def test_server_killed_in_epoch_2_and_restarted_10s_later(tmp_path_factory: pyte
     print(f"\nepoch gaps during the outage (s): max {max(gaps):.1f}, all {gaps}")
     assert len(gaps) == epochs and max(gaps) < STEP_LIMIT_S
     assert done.out.count("tracking offline") == 1 and "tracking back online" in done.out
+    after_outage = done.out[done.out.index("tracking offline"):]
+    assert re.search(r"\| Epoch \d+/", after_outage), "no epoch was trained while the server was down"
     run_id = re.search(r"run id: +(\w+)", done.out).group(1)  # type: ignore[union-attr]
     weights = root / "outage" / "runs"
     local_last = next(weights.glob("*/weights/last.pt"))

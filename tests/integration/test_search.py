@@ -27,12 +27,12 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from mltrack.cli import cli
+from mltrack.cli import cli, search_main
 from mltrack.cli.args import normalize_args, option_arity
 from mltrack.config import RunConfig, load_config
 from mltrack.errors import ConfigError
 from mltrack.search import HEARTBEAT_ATTR, fail_and_retry, open_storage, open_study, reconcile, suggest
-from mltrack.search_space import SearchOptions, parse_space
+from mltrack.search_space import SearchOptions, apply_params, open_study_run, parse_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
               pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
@@ -112,6 +112,7 @@ def test_two_trial_study_with_folds_logs_parent_and_child_runs(workdir: Path) ->
     (study,) = by_role(runs, "study")
     assert study.info.status == "FINISHED"
     assert study.data.tags["optuna.study"] == "e2e" and study.data.tags["optuna.storage"] == "sqlite:///optuna.db"
+    assert "mltrack.dp_note" not in study.data.tags
     best = max(trials, key=lambda t: t.value)
     assert study.data.tags["optuna.best_trial"] == str(best.number)
     assert study.data.tags["optuna.best_run_id"] == best.user_attrs["mlflow_run_id"]
@@ -145,10 +146,11 @@ def test_two_trial_study_with_folds_logs_parent_and_child_runs(workdir: Path) ->
 
 
 def test_pruner_prunes_bad_trials_and_mlflow_says_so(workdir: Path) -> None:
-    # lr 1e-9 leaves the train loss at ln(3) while lr 0.01 lowers it by epoch 1: with one finished trial
-    # of each, the median pruner must prune a later 1e-9 trial at epoch 1 (warm-up: epoch 0).
+    # lr 1e-9 leaves the train loss at ln(3) while lr 0.01 lowers it by epoch 1: once trials of both have
+    # finished, the median pruner must prune a later 1e-9 trial at epoch 1 (warm-up: epoch 0). The random
+    # sampler, seeded by training.seed (42), proposes 1e-9, 0.01, 0.01, 1e-9.
     space = write_space(workdir / "space.yaml", {"optimizer.lr": {"type": "categorical", "choices": [0.01, 1e-9]}})
-    args = search_args(space, "--num-epochs", "3", "--n-trials", "5", "--sampler", "random", "--pruner", "median",
+    args = search_args(space, "--num-epochs", "3", "--n-trials", "4", "--sampler", "random", "--pruner", "median",
                        "--pruner-startup-trials", "1", "--pruner-warmup-epochs", "1", "--metric", "train/loss",
                        "--direction", "minimize", "--study-name", "prune")
     code, out = run_cli(args)
@@ -157,7 +159,7 @@ def test_pruner_prunes_bad_trials_and_mlflow_says_so(workdir: Path) -> None:
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, [(t.number, t.params, t.state, t.intermediate_values) for t in trials]
     assert all(t.params["optimizer.lr"] == 1e-9 for t in pruned)
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 5
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     runs = {r.info.run_id: r for r in mlflow_runs(workdir)}
     client = MlflowClient()
     for t in trials:
@@ -203,7 +205,8 @@ def test_mlproject_search_entry_point_reaches_the_cli() -> None:
         return command.make_context("search", normalize_args(argv[4:], option_arity(command))).params
 
     given = parsed(sample)
-    assert (given["config"], given["space"], given["n_trials"], given["timeout"]) == (Path("c.yaml"), Path("s.yaml"), 7, 60)
+    assert (given["config"], given["space"]) == (Path("c.yaml"), Path("s.yaml"))
+    assert (given["n_trials"], given["timeout"]) == (7, 60)
     assert (given["study_name"], given["storage"], given["workers"], given["folds"]) == ("st", "journal:./j", 3, "0,1")
     assert (given["sampler"], given["pruner"], given["metric"], given["direction"]) == \
         ("random", "percentile", "val/loss", "minimize")
@@ -211,6 +214,30 @@ def test_mlproject_search_entry_point_reaches_the_cli() -> None:
     assert given["overrides"] == "training.seed=7 optimizer.name=sgd"
     defaults = parsed({})  # "" means: the CLI's own default
     assert (defaults["sampler"], defaults["workers"], defaults["storage"], defaults["folds"]) == ("tpe", 1, None, None)
+
+
+def test_ml_search_alias_is_the_search_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        search_main(["--help"])
+    assert done.value.code == 0 and "--n-trials" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("base, space", [
+    ({"training.trainer_type": "dp"}, {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}),
+    ({}, {"training.trainer_type": {"type": "categorical", "choices": ["standard", "dp"]}}),
+])
+def test_dp_study_run_says_selection_is_not_privacy_accounted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: dict[str, Any], space: dict[str, Any]) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_params(RunConfig(), base)
+    opts = SearchOptions(space=parse_space(space, cfg), space_path="s.yaml", study_name="dp",
+                         storage=f"journal:{tmp_path / 'j'}")
+    tracker, _ = open_study_run(cfg, opts, None)
+    tracker.finish()
+    tags = MlflowClient().get_run(tracker.run_id).data.tags
+    assert tags["mltrack.role"] == "study"
+    assert tags["mltrack.dp_note"] == "hyper-parameter selection not privacy-accounted"
 
 
 # ---------------------------------------------------------------- study plumbing (no training)
@@ -301,10 +328,10 @@ def check_parallel_study(workdir: Path, storage: str, name: str, n_trials: int, 
 
 def test_four_workers_share_one_journal_study(workdir: Path) -> None:
     space = write_space(workdir / "space.yaml", {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2}})
-    proc = run_subprocess(search_args(space, "--n-trials", "6", "--workers", "4", "--pruner", "none",
+    proc = run_subprocess(search_args(space, "--n-trials", "5", "--workers", "4", "--pruner", "none",
                                       "--storage", "journal:./optuna.journal", "--study-name", "par"), workdir)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    check_parallel_study(workdir, _journal(workdir / "optuna.journal"), "par", 6, proc.stdout)
+    check_parallel_study(workdir, _journal(workdir / "optuna.journal"), "par", 5, proc.stdout)
 
 
 def _journal(path: Path) -> Any:

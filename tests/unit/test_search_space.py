@@ -158,7 +158,7 @@ def test_ask_lock_excludes_other_holders(tmp_path: Path) -> None:
     assert path != ask_lock_path("journal:./a.journal", "other", tmp_path)
     lock = AskLock(path)
     with lock:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
         try:
             with pytest.raises(BlockingIOError):  # another open file description: what another process has
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
