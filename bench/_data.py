@@ -62,9 +62,10 @@ def _write(job: tuple[str, int, int, int, int]) -> int:
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # Not fork: the benchmark process has torch (and its threads) loaded by now.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    # Not fork: the benchmark process has torch (and its threads) loaded by now. Not forkserver either:
+    # mltrack's decode pool starts that server later with this module preloaded; spawn workers import
+    # only numpy and PIL (and the benchmark script, whose top level is light).
+    return multiprocessing.get_context("spawn")
 
 
 def make_dataset(root: Path, *, classes: int, train: int, val: int, test: int, size: tuple[int, int],

@@ -139,15 +139,19 @@ def timm_loader(root: Path, files: list[str], image_size: int, batch_size: int, 
                 device: torch.device) -> Any:
     """timm's ``create_loader(..., use_prefetcher=True)``: uint8 collate, normalisation on the GPU in a
     side stream; RandomResizedCrop + flip (bilinear, no colour jitter) like the reference."""
+    import inspect
+
     from timm.data import create_loader
     from torchvision import datasets
 
     wanted = {str(Path(root) / "raw" / rel) for rel in files}
     ds = datasets.ImageFolder(str(Path(root) / "raw"), is_valid_file=lambda p: p in wanted)
-    return create_loader(ds, input_size=(3, image_size, image_size), batch_size=batch_size, is_training=True,
-                         use_prefetcher=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=None,
-                         interpolation="bilinear", mean=MEAN, std=STD, num_workers=workers,
-                         pin_memory=True, device=device, persistent_workers=True)
+    options = dict(is_training=True, use_prefetcher=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                   color_jitter=None, interpolation="bilinear", mean=MEAN, std=STD, num_workers=workers,
+                   pin_memory=device.type == "cuda", device=device, persistent_workers=workers > 0)
+    accepted = inspect.signature(create_loader).parameters  # older timm versions lack some options
+    return create_loader(ds, input_size=(3, image_size, image_size), batch_size=batch_size,
+                         **{k: v for k, v in options.items() if k in accepted})
 
 
 class SyntheticBatches:

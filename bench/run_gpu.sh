@@ -29,7 +29,9 @@ for name in ("torch", "torchvision", "timm", "mlflow", "pydantic", "yaml", "PIL"
         print(f"{name:12s} MISSING ({type(err).__name__}: {err})")
 EOF
   timeout -k 10 540 python3 bench/bench_pipeline.py --out "$OUT" --budget-s 420 "$@"
-  echo "run_gpu.sh: bench_pipeline exit status $?"
+  status=$?
+  echo "run_gpu.sh: bench_pipeline exit status $status"
+  echo "$status" > "$OUT/exit_status"
 } 2>&1 | tee "$OUT/bench.log"
 test -s "$OUT/bench.json" && python3 bench/bench_pipeline.py --markdown "$OUT/bench.json" > "$OUT/bench.md" 2>&1
-exit 0
+exit "$(cat "$OUT/exit_status" 2>/dev/null || echo 1)"

@@ -72,6 +72,7 @@ class CheckpointHook(Hook):
         self.weights_dir = weights_dir
         self.tracker = tracker
         self.meta = meta  # split_digest, dataset fingerprint, mlflow_run_id
+        self.rotated = False  # whether the last write kept the previous last.pt as prev.pt
 
     def on_fit_start(self, ctx: FitContext) -> None:
         removed = checkpoint.clean_stale_tmp(self.weights_dir)

@@ -27,7 +27,7 @@ import torch
 
 from mltrack import checkpoint
 from mltrack.config import RunConfig, to_yaml
-from mltrack.console import get_logger, setup_logging, success
+from mltrack.console import get_logger, setup_logging
 from mltrack.errors import CheckpointError, DataError, UserError
 from mltrack.resume import ResumePoint, check_compatible
 from mltrack.trainers.loop import FitContext, FitState, Interrupted, NonFiniteLossError, StopTraining, fit
@@ -172,6 +172,9 @@ def train(cfg: RunConfig, resume: Optional[ResumePoint] = None, *, explicit: dic
     is marked KILLED and SystemExit(143/130) is raised.
     """
     device = resolve_device(cfg.training.device)
+    from mltrack.data.cache import resolve_cache_mode
+
+    resolve_cache_mode(cfg.data.cache, device, 0, trainer_type=cfg.training.trainer_type)  # e.g. gpu without CUDA
     names, digest = prepare_data(cfg)
     cfg = _with_num_classes(cfg, len(names))
     from mltrack.models import preflight_weights
@@ -336,8 +339,9 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
     seed_everything(cfg.training.seed, cfg.training.deterministic)
     log.info("Using fold: %d  device: %s  trainer: %s", cfg.data.fold, device, cfg.training.trainer_type)
     loaders = build_loaders(cfg.data, cfg.training.batch_size, cfg.training.seed, cfg.training.deterministic,
-                            device.type)
-    log.info("Dataset sizes: %s", loaders.sizes)
+                            device.type, device=device, trainer_type=cfg.training.trainer_type,
+                            channels_last=cfg.training.channels_last)
+    log.info("Dataset sizes: %s  data cache: %s (%s)", loaders.sizes, loaders.cache, loaders.cache_reason)
     trainer = build_trainer(cfg.training, device)
     model = build_model(cfg.model, len(class_names), image_size=cfg.data.image_size)
     optimizer = build_optimizer(cfg.optimizer, model)  # the module: decay is skipped for biases and norms

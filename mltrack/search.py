@@ -372,7 +372,7 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, object
                     "discarded and its retry runs instead", objective.current)
     except SystemExit:  # SIGTERM/SIGINT in training: the run is KILLED with a checkpoint; re-queue the trial
         if objective.current is not None:
-            fail_and_retry(study, storage, objective.current, "interrupted; re-queued to resume from its checkpoint")
+            fail_and_retry(study, storage, objective.current, "interrupted by a signal")
         raise
 
 

@@ -16,8 +16,10 @@ already runs OpenMP threads can deadlock. What is stored (uint8, CHW, square):
   crop narrower than S/P of the image is upsampled from fewer source pixels (slightly softer) than
   when cut from the full-size original.
 
-Keep: ``gpu`` holds the cache in device memory; ``ram`` in host memory (pinned on CUDA), a background
-thread gathering the next batches into pinned buffers and copying them on a side stream, ahead of use.
+Keep: ``gpu`` holds the cache in device memory; ``ram`` in ordinary host memory, a background thread
+gathering the next batches into a few pinned buffers and copying them on a side stream, ahead of use
+(only those buffers are page-locked, so a large cache pins nothing and is not rounded up by the
+pinned-memory allocator).
 
 Augment each batch with a few batched ops, no per-image Python: ``roi_align`` with per-sample boxes
 (adaptive sampling averages when shrinking, like an anti-aliased resize) and ``torch.where`` flips for
@@ -171,15 +173,14 @@ def _pool_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def decode_split(paths: Sequence[Path], geom: tuple, max_pixels: int, workers: int,
-                 pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_split(paths: Sequence[Path], geom: tuple, max_pixels: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode ``paths`` to ``(N, 3, side, side)`` uint8 and ``(N, 2)`` int64 (width, height) host tensors.
 
     ``workers`` > 0 decodes in that many pool processes (in order); 0 in this process. The first bad
-    file raises its DataError; nothing is skipped. ``pin_memory`` allocates the pixels page-locked.
+    file raises its DataError; nothing is skipped.
     """
     side = geom[-1]
-    pixels = torch.empty((len(paths), 3, side, side), dtype=torch.uint8, pin_memory=pin_memory)
+    pixels = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
     sizes = torch.empty((len(paths), 2), dtype=torch.int64)
     chunks = [[str(p) for p in paths[i:i + DECODE_CHUNK]] for i in range(0, len(paths), DECODE_CHUNK)]
     if workers > 0 and len(chunks) > 1:
@@ -267,23 +268,32 @@ def augment(recipe: str, src: torch.Tensor, params: Optional[torch.Tensor], imag
     imagenet, whose crop boxes are fractions of the image); ``params`` rows as from :func:`sample_params`,
     on the same device.
     """
-    x = src.float()
     if params is None or recipe == "none":
-        return x
+        return src.float()
     if recipe == "imagenet":
-        from torchvision.ops import roi_align
-
-        height, width = x.shape[-2:]
-        index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
-        box = params[:, :4].to(x.dtype) * torch.tensor([width, height, width, height], device=x.device, dtype=x.dtype)
-        rois = torch.cat([index, box[:, :2], box[:, :2] + box[:, 2:]], 1)
-        x = roi_align(x, rois, (image_size, image_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        return _flip(x, params[:, 4])
+        return _resized_crop(src, params, image_size)
     if recipe == "basic":
-        return _flip(x, params[:, 0])
+        return _flip(src, params[:, 0]).float()
     if recipe == "digits":
+        x = src.float()
         return _affine(x, params.to(x.dtype))
     raise ConfigError(f"the cache has no batched version of transforms '{recipe}'")
+
+
+def _resized_crop(src: torch.Tensor, params: torch.Tensor, image_size: int) -> torch.Tensor:
+    """RandomResizedCrop + flip: flipped images are mirrored *before* cropping (on uint8, a quarter of the
+    bytes of the float output) and their box mirrored with them, which gives the same pixels."""
+    from torchvision.ops import roi_align
+
+    flip = params[:, 4]
+    x = _flip(src, flip).float()
+    height, width = x.shape[-2:]
+    p = params.to(x.dtype)
+    left = torch.where(flip > 0.5, 1 - p[:, 0] - p[:, 2], p[:, 0]) * width  # Python scalars: no copy, no sync
+    top = p[:, 1] * height
+    index = torch.arange(len(x), device=x.device, dtype=x.dtype)
+    rois = torch.stack([index, left, top, left + p[:, 2] * width, top + p[:, 3] * height], 1)
+    return roi_align(x, rois, (image_size, image_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def _flip(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
@@ -332,7 +342,8 @@ class CachedLoader:
         self.batch_size, self.device, self.train = batch_size, device, train
         self.generator, self.weights, self.channels_last = generator, weights, channels_last
         self.num_workers, self.dataset = num_workers, dataset
-        self.pin_memory = split.pixels.device.type == "cpu" and device.type == "cuda"  # host cache, streamed
+        self._streamed = split.pixels.device.type == "cpu" and device.type == "cuda"  # ram cache feeding a GPU
+        self.pin_memory = device.type == "cuda"
         mean, std = normalization(recipe)
         self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
@@ -353,10 +364,10 @@ class CachedLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, params = self.epoch_plan()
-        order_dev = order.to(self.device)
-        params_dev = params.to(self.device) if params is not None else None
+        order_dev, params_dev = self._to_device(order), self._to_device(params)
         bs = self.batch_size
-        sources = self._streamed(order) if self.pin_memory else None
+        stager = _Stager(self.split.pixels, order, bs, self.device) if self._streamed else None
+        sources = iter(stager) if stager is not None else None
         try:
             for start in range(0, len(order), bs):
                 idx = order_dev[start:start + bs]
@@ -365,20 +376,18 @@ class CachedLoader:
                 images = self._finish(augment(self.recipe, src, p, self.image_size))
                 yield images, self.split.labels.index_select(0, idx)
         finally:
-            if sources is not None:
-                sources.close()  # stops the stager thread, also when the consumer left early
+            if stager is not None:
+                stager.close()  # stops the thread, also when the consumer left early
+
+    def _to_device(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None or self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)  # pageable copies would wait for the GPU
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.addcmul(self._shift, x, self._scale)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _streamed(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Host cache -> device batches, gathered and copied ahead by a thread (``_Stager``)."""
-        stager = _Stager(self.split.pixels, order, self.batch_size, self.device)
-        try:
-            yield from stager
-        finally:
-            stager.close()
+        """Normalise in one pass, written straight into the requested memory format."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.addcmul(self._shift, x, self._scale, out=torch.empty_like(x, memory_format=fmt))
 
 
 class _Stager:
@@ -457,17 +466,16 @@ def build_cached_loaders(raw_dir: Path, samples: dict[str, list[tuple[str, int]]
                          datasets: Optional[dict[str, Any]] = None) -> dict[str, CachedLoader]:
     """Decode each split of ``samples`` once and wrap it in a :class:`CachedLoader`.
 
-    ``mode`` is ``gpu`` (pixels in ``device`` memory) or ``ram`` (host; pinned when ``device`` is CUDA).
+    ``mode`` is ``gpu`` (pixels in ``device`` memory) or ``ram`` (host memory, streamed to a CUDA ``device``).
     ``generators[split]`` drives that split's loader (the train one is the checkpointed generator).
     Raises the DataError of the first unreadable image.
     """
-    on_host_pinned = mode == "ram" and device.type == "cuda"
     out: dict[str, CachedLoader] = {}
     for split, items in samples.items():
         train = split == "train"
         geom = geometry(recipe, image_size, train, precrop_size)
         paths = [raw_dir.joinpath(*rel.split("/")) for rel, _ in items]
-        pixels, sizes = decode_split(paths, geom, max_pixels, workers, pin_memory=on_host_pinned)
+        pixels, sizes = decode_split(paths, geom, max_pixels, workers)
         if mode == "gpu":
             pixels = pixels.to(device)
         labels = torch.tensor([label for _, label in items], dtype=torch.int64, device=device)

@@ -227,70 +227,88 @@ def _batches(loader: DataLoader, skip: int) -> Iterator[tuple[int, Any]]:
     yield from enumerate(iterator, start=skip)
 
 
+def _next_batch(batches: Iterator[tuple[int, Any]], ctx: FitContext, sums: "_EpochSums", done: int,
+                can_stop_inside: bool) -> Optional[tuple[int, Any]]:
+    """The next ``(index, batch)``, or None at the end of the epoch."""
+    try:
+        return next(batches)
+    except StopIteration:
+        return None
+    except Exception:
+        # Ctrl-C in a terminal also reaches the DataLoader workers, which then die: the stop wins.
+        if STOP_REQUESTED and can_stop_inside and done % ctx.trainer.accumulation == 0:
+            raise _stop_inside_epoch(ctx, sums, done) from None
+        raise
+
+
+def _forward_backward(ctx: FitContext, sums: "_EpochSums", images: torch.Tensor, targets: torch.Tensor,
+                      sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; adds to the epoch sums; returns its (detached) mean loss."""
+    trainer, model = ctx.trainer, ctx.model
+    images, targets = trainer.to_device(images, targets)
+    with trainer.accumulate(model, sync):
+        with trainer.autocast():
+            logits = model(images)
+            loss = ctx.loss_fn(logits.float(), targets)
+        trainer.backward(loss / trainer.accumulation)
+    batch_loss = loss.detach().double() * targets.numel()
+    sums.loss_sum += torch.nan_to_num(batch_loss, nan=0.0, posinf=0.0, neginf=0.0)
+    sums.seen += targets.numel()
+    sums.cm += confusion_matrix(logits.detach().argmax(1), targets, ctx.num_classes)
+    return loss.detach()
+
+
+def _optimizer_step(ctx: FitContext, sums: "_EpochSums", group_loss: torch.Tensor, batch: int) -> None:
+    """Step on the accumulated gradients unless the group's loss is non-finite (then count it, and fail
+    after ``training.max_nonfinite_steps`` in a row); gradients are zeroed either way."""
+    trainer = ctx.trainer
+    # The guard needs the value now: a step with a NaN/inf loss must not touch the weights.
+    # Every process must take the same decision, or the DDP replicas diverge.
+    if int(trainer.reduce_sum((~torch.isfinite(group_loss)).to(torch.int64))) == 0:
+        sums.consecutive_bad = 0
+        if trainer.optimizer_step(ctx.model, ctx.optimizer):
+            ctx.state.global_step += 1
+            ctx.schedule.step_batch()
+    else:
+        sums.consecutive_bad += 1
+        ctx.state.nonfinite_steps += 1
+        if sums.consecutive_bad >= ctx.cfg.training.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{sums.consecutive_bad} consecutive optimizer steps had a non-finite loss "
+                f"(epoch {ctx.state.epoch}, batch {batch}); lower the learning rate or check the data"
+            )
+    trainer.zero_grad(ctx.optimizer)
+
+
 def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
     """One pass over the train loader (or the rest of it after a mid-epoch resume); returns (metrics,
     train confusion matrix). A stop request is honoured after a complete optimizer step (Interrupted)."""
-    trainer, model, opt, loader = ctx.trainer, ctx.model, ctx.optimizer, ctx.loaders["train"]
+    trainer, loader = ctx.trainer, ctx.loaders["train"]
     assert loader is not None
-    model.train()
-    device = trainer.device
+    ctx.model.train()
     generator = getattr(loader, "generator", None)
     # Stopping inside an epoch needs the loader's generator to replay the epoch and one process to stop alone.
     can_stop_inside = generator is not None and trainer.world_size == 1
     sums = _EpochSums(ctx, generator)
     skip, ctx.state.batch, ctx.state.partial = ctx.state.batch, 0, {}
-    accum = trainer.accumulation
     n_batches = len(loader)
-    group_loss = torch.zeros((), device=device)
-    trainer.zero_grad(opt)
+    group_loss = torch.zeros((), device=trainer.device)
+    trainer.zero_grad(ctx.optimizer)
     with _bar(ctx, n_batches, f"epoch {ctx.state.epoch} train") as advance:
         advance(skip)
-        batches = _batches(loader, skip)
-        i = skip - 1
-        while True:
-            try:
-                i, (images, targets) = next(batches)
-            except StopIteration:
-                break
-            except Exception:
-                # Ctrl-C in a terminal also reaches the DataLoader workers, which then die: the stop wins.
-                if STOP_REQUESTED and can_stop_inside and (i + 1) % accum == 0:
-                    raise _stop_inside_epoch(ctx, sums, i + 1) from None
-                raise
-            sync = (i + 1) % accum == 0 or i + 1 == n_batches
+        batches, done = _batches(loader, skip), skip
+        while (item := _next_batch(batches, ctx, sums, done, can_stop_inside)) is not None:
+            i, (images, targets) = item
+            sync = (i + 1) % trainer.accumulation == 0 or i + 1 == n_batches
             if not trainer.is_empty_batch(targets):
-                images, targets = trainer.to_device(images, targets)
-                with trainer.accumulate(model, sync):
-                    with trainer.autocast():
-                        logits = model(images)
-                        loss = ctx.loss_fn(logits.float(), targets)
-                    trainer.backward(loss / accum)
-                group_loss = group_loss + loss.detach()
-                batch_loss = loss.detach().double() * targets.numel()
-                sums.loss_sum += torch.nan_to_num(batch_loss, nan=0.0, posinf=0.0, neginf=0.0)
-                sums.seen += targets.numel()
-                sums.cm += confusion_matrix(logits.detach().argmax(1), targets, ctx.num_classes)
+                group_loss = group_loss + _forward_backward(ctx, sums, images, targets, sync)
+            done = i + 1
             if sync:
-                # The guard needs the value now: a step with a NaN/inf loss must not touch the weights.
-                # Every process must take the same decision, or the DDP replicas diverge.
-                if int(trainer.reduce_sum((~torch.isfinite(group_loss)).to(torch.int64))) == 0:
-                    sums.consecutive_bad = 0
-                    if trainer.optimizer_step(model, opt):
-                        ctx.state.global_step += 1
-                        ctx.schedule.step_batch()
-                else:
-                    sums.consecutive_bad += 1
-                    ctx.state.nonfinite_steps += 1
-                    if sums.consecutive_bad >= ctx.cfg.training.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{sums.consecutive_bad} consecutive optimizer steps had a non-finite loss "
-                            f"(epoch {ctx.state.epoch}, batch {i}); lower the learning rate or check the data"
-                        )
-                trainer.zero_grad(opt)
-                group_loss = torch.zeros((), device=device)
+                _optimizer_step(ctx, sums, group_loss, i)
+                group_loss = torch.zeros((), device=trainer.device)
                 fault("in_epoch", ctx.state.epoch, i)
-                if STOP_REQUESTED and can_stop_inside and i + 1 < n_batches:
-                    raise _stop_inside_epoch(ctx, sums, i + 1)
+                if STOP_REQUESTED and can_stop_inside and done < n_batches:
+                    raise _stop_inside_epoch(ctx, sums, done)
             advance(1)
     elapsed = sums.elapsed()
     loss_sum, seen, cm = trainer.reduce_sum(sums.loss_sum), trainer.reduce_sum(sums.seen), trainer.reduce_sum(sums.cm)

@@ -46,3 +46,6 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert "(1) reference: ImageFolder+PIL workers, fp32" in out and "x (1)" in out and "% of (6)" in out
     assert "targets (issue 9)" in out and "skipped: needs a CUDA device" in out
     assert not (tmp_path / "mlruns").exists() and not list((tmp_path / ".bench" / "work").iterdir())
+    md = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--markdown",
+                         str(tmp_path / "out" / "bench.json")], env=env, capture_output=True, text=True, timeout=60)
+    assert md.returncode == 0 and "| (1) reference: ImageFolder+PIL workers, fp32 |" in md.stdout, md.stderr[-2000:]

@@ -27,10 +27,22 @@ def _fault(action: str) -> dict[str, str]:
             "MLTRACK_FAULT_ACTION": action}
 
 
+def _reconcile(store: Store, *args: str) -> Any:
+    """``mltrack reconcile`` through the real click command, in this process, against ``store``."""
+    from mltrack.cli.main import cli
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env_for(store.uri).items():
+            if key.startswith("MLFLOW"):
+                patch.setenv(key, value)
+        return CliRunner().invoke(cli, ["reconcile", *args])
+
+
 @pytest.fixture(scope="module")
 def exits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Starts every exit path at once (they share the 2 cores), then signals the long ones in epoch 2 and
-    records how long each took from the signal to the end of the process."""
+    records how long each took from the signal to the end of the process. Before its signal, the SIGTERM
+    run is alive and RUNNING: ``reconcile`` must leave it alone."""
     root = Session.setup(tmp_path_factory)
     runs = {
         "exception": start_train(root, "exit_exception", **_fault("raise")),
@@ -39,16 +51,23 @@ def exits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "sigint": start_train(root, "exit_sigint", epochs=LONG),
         "sigkill": start_train(root, "exit_sigkill", epochs=LONG),
     }
-    seconds: dict[str, float] = {}
+    sent: dict[str, float] = {}
     for name, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT), ("sigkill", signal.SIGKILL)):
         cli, _ = runs[name]
         cli.wait_for("Epoch 1/")  # epoch 2 has started: a checkpoint of epoch 1 exists
-        sent = time.monotonic()
+        if name == "sigterm":
+            live = _reconcile(runs[name][1], "--stale-after", "600")
+        sent[name] = time.monotonic()
         os.kill(cli.proc.pid, sig)
-        cli.wait(120)
-        seconds[name] = time.monotonic() - sent
+    seconds: dict[str, float] = {}
+    deadline = time.monotonic() + 120
+    while len(seconds) < len(sent) and time.monotonic() < deadline:
+        for name in sent:
+            if name not in seconds and runs[name][0].proc.poll() is not None:
+                seconds[name] = time.monotonic() - sent[name]
+        time.sleep(0.02)
     print(f"\nsignal -> exit seconds: {seconds}")
-    return {"root": root, "runs": runs, "seconds": seconds}
+    return {"root": root, "runs": runs, "seconds": seconds, "reconcile_live": live}
 
 
 def _finished_run(exits: dict[str, Any], name: str) -> tuple[Any, Any, Store]:
@@ -84,22 +103,16 @@ def test_sigterm_and_sigint_checkpoint_then_mark_killed(name: str, rc: int, exit
     assert progress["global_step"] == progress["epoch"] * 4 + progress["batch"]
 
 
-def test_sigkill_leaves_running_until_reconcile_then_resume_continues(exits: dict[str, Any],
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkill_leaves_running_until_reconcile_then_resume_continues(exits: dict[str, Any]) -> None:
     done, run, store = _finished_run(exits, "sigkill")
     run_id = run.info.run_id
     assert done.rc == -signal.SIGKILL and run.info.status == "RUNNING"
     assert "mltrack.exit_reason" not in run.data.tags
 
-    from mltrack.cli.main import cli
-
-    for key, value in env_for(store.uri).items():
-        if key.startswith("MLFLOW"):
-            monkeypatch.setenv(key, value)
-    result = CliRunner().invoke(cli, ["reconcile", "--experiment", "tiny", "--dry-run"])
+    result = _reconcile(store, "--experiment", "tiny", "--dry-run")
     assert result.exit_code == 0 and "would mark KILLED" in result.output, result.output
     assert store.run(run_id).info.status == "RUNNING"
-    result = CliRunner().invoke(cli, ["reconcile", "--experiment", "tiny"])
+    result = _reconcile(store, "--experiment", "tiny")
     assert result.exit_code == 0 and f"{run_id}" in result.output and "1 run(s) marked KILLED" in result.output
     run = store.run(run_id)
     assert run.info.status == "KILLED" and f"process {run.data.tags['mltrack.pid']}" in run.data.tags["mltrack.exit_reason"]
@@ -119,23 +132,9 @@ def test_sigkill_leaves_running_until_reconcile_then_resume_continues(exits: dic
     assert "resume_1.yaml" in {Path(f.path).name for f in store.client.list_artifacts(run_id, "config")}
 
 
-def test_reconcile_leaves_live_runs_alone(tmp_path_factory: pytest.TempPathFactory,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from mltrack.cli.main import cli
-
-    root = Session.setup(tmp_path_factory)
-    live, store = start_train(root, "exit_live", epochs=LONG)
-    try:
-        live.wait_for("Epoch 0/")
-        for key, value in env_for(store.uri).items():
-            if key.startswith("MLFLOW"):
-                monkeypatch.setenv(key, value)
-        result = CliRunner().invoke(cli, ["reconcile", "--stale-after", "600"])
-        assert result.exit_code == 0 and "0 run(s) marked KILLED" in result.output, result.output
-        assert store.only_run().info.status == "RUNNING"
-    finally:
-        live.proc.send_signal(signal.SIGTERM)
-        assert live.wait(120).rc == 143
+def test_reconcile_leaves_live_runs_alone(exits: dict[str, Any]) -> None:
+    result = exits["reconcile_live"]
+    assert result.exit_code == 0 and "0 run(s) marked KILLED" in result.output, result.output
 
 
 def test_normal_end_is_finished_without_exit_reason(tmp_path_factory: pytest.TempPathFactory) -> None:

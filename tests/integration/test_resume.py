@@ -253,6 +253,8 @@ def test_kill9_after_epoch_2_then_resume_is_bit_identical(trainer: str, workers:
     if trainer == "dp":
         pytest.importorskip("opacus")
     root = Session.setup(tmp_path_factory)
+    for other in (("standard", 2), ("mixed_precision", 0), ("dp", 0)):
+        baseline(tmp_path_factory, *other)  # all three start now and run beside the tests that need them
     ref_cli, ref_store = baseline(tmp_path_factory, trainer, workers)
     # The process SIGSTOPs itself right after the epoch-2 (step 1) commit; the test then sends a real SIGKILL.
     cli, store = start_train(root, f"kill9_{trainer}", trainer, workers, MLTRACK_FAULT_AT="after_commit",
