@@ -22,6 +22,8 @@ log = get_logger()
 FREE_ON_RESUME = {"training.num_epochs", "data.num_workers", "tracking.progress", "tracking.tensorboard",
                   "tracking.confusion_every_epoch", "training.device", "tracking.runs_dir",
                   "training.early_stopping.patience"}
+# Keys that decide which samples "batch k of epoch e" means: fixed for a checkpoint taken inside an epoch.
+POSITION_KEYS = {"training.batch_size", "training.gradient_accumulation_steps", "data.sampler", "training.seed"}
 # Keys that can never differ: the checkpoint's weights or labels would not mean the same thing.
 FIXED = {"model.architecture": "architecture", "model.num_classes": "class count", "data.fold": "fold",
          "data.data_dir": "data directory", "training.trainer_type": "trainer"}
@@ -172,6 +174,12 @@ def resume_config(point: ResumePoint, overrides: list[str] | tuple[str, ...], cl
             "cannot resume with a changed config: " + ", ".join(f"{k} {point.drift[k][0]!r} -> {point.drift[k][1]!r}"
                                                                 for k in changed)
             + "; pass --allow-config-change to continue anyway (recorded as mltrack.param_drift)")
+    inside = int(point.state["progress"].get("batch", 0))
+    moved = sorted(k for k in POSITION_KEYS if k in point.drift)
+    if inside and moved:  # "batch k of this epoch" would name other samples
+        raise CheckpointError(f"cannot resume: the checkpoint was taken inside epoch {point.state['progress']['epoch']} "
+                              f"(after batch {inside}), and {', '.join(moved)} changed, which moves that position; "
+                              "resume with the same values")
     done = int(point.state["progress"]["epoch"])
     if point.state.get("_run_status") == "FINISHED" and cfg.training.num_epochs <= done:
         raise CheckpointError(f"run {point.run_id} is FINISHED after {done} epochs; pass --num-epochs larger "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -143,3 +145,21 @@ def test_normal_end_is_finished_without_exit_reason(tmp_path_factory: pytest.Tem
     run = store.only_run()
     assert run.info.status == "FINISHED" and "mltrack.exit_reason" not in run.data.tags
     assert int(run.data.tags["mltrack.heartbeat"]) <= time.time()
+
+
+def test_stale_reason_uses_the_process_then_the_heartbeat() -> None:
+    from mltrack.cli.sync import stale_reason
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that existed and is gone (reaped)
+    now = time.time()
+
+    def info(pid: int, beat: float, host: str = "here") -> dict[str, Any]:
+        return {"tags": {"mltrack.pid": str(pid), "mltrack.host": host, "mltrack.heartbeat": str(int(beat))},
+                "start_time": int((now - 9999) * 1000)}
+
+    assert "process" in stale_reason(info(proc.pid, now), now, 300, "here")  # type: ignore[operator]
+    assert stale_reason(info(os.getpid(), now - 10), now, 300, "here") is None  # alive, fresh heartbeat
+    assert stale_reason(info(proc.pid, now - 10), now, 300, "elsewhere") is None  # another host: pid unknown
+    assert "no heartbeat for" in stale_reason(info(os.getpid(), now - 400), now, 300, "here")  # type: ignore[operator]
+    assert "no heartbeat" in stale_reason({"tags": {}, "start_time": int((now - 400) * 1000)}, now, 300, "h")  # type: ignore[operator]

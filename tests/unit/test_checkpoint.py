@@ -2,8 +2,10 @@
 protocol, crashed for real (subprocesses that die inside ``save``) at every step of it."""
 from __future__ import annotations
 
+import copy
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -173,3 +175,50 @@ def test_kill9_during_50mb_writes_never_leaves_a_truncated_checkpoint(tmp_path: 
         state = checkpoint.load(path)
         assert path.stat().st_size >= full - 1024 and state["pad"].numel() == 50 * 2**18
         checkpoint.clean_stale_tmp(tmp_path)
+
+
+# ---------------------------------------------------------------- what a resume may change (mltrack.resume)
+
+
+def _point(**progress: Any) -> Any:
+    from mltrack.config import load_config, to_dict
+    from mltrack.resume import ResumePoint
+
+    cfg = to_dict(load_config(None, ["training.num_epochs=4", "training.batch_size=4", "model.num_classes=3"]))
+    state = {"config": cfg, "progress": {"epoch": 2, "batch": 0, **progress}}
+    return ResumePoint("runs:/r/weights/last.pt", Path("last.pt"), state, "r")
+
+
+@pytest.mark.parametrize("sets, allow, message", [
+    (["model.architecture=resnet18"], True, "the architecture differs"),
+    (["model.num_classes=4"], True, "the class count differs"),
+    (["training.trainer_type=dp"], True, "the trainer differs"),
+    (["optimizer.lr=0.1"], False, "optimizer.lr 0.003 -> 0.1; pass --allow-config-change"),
+])
+def test_resume_config_refuses_what_would_change_the_checkpoint_meaning(sets: list[str], allow: bool,
+                                                                        message: str) -> None:
+    from mltrack.resume import resume_config
+
+    point = _point()
+    before = copy.deepcopy(point.state["config"])
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        resume_config(point, sets, {}, allow)
+    assert point.state["config"] == before  # the checkpoint's own config is never edited
+
+
+def test_resume_config_records_drift_and_guards_positions_and_finished_runs() -> None:
+    from mltrack.resume import resume_config
+
+    point = _point()
+    cfg = resume_config(point, ["optimizer.lr=0.1"], {"num_epochs": 6}, allow_config_change=True)
+    assert cfg.optimizer.lr == 0.1 and cfg.training.num_epochs == 6
+    assert point.drift == {"optimizer.lr": (0.003, 0.1), "training.num_epochs": (4, 6)}
+    inside = _point(batch=3)
+    with pytest.raises(CheckpointError, match="inside epoch 2 .after batch 3.*training.batch_size changed"):
+        resume_config(inside, ["training.batch_size=8"], {}, allow_config_change=True)
+    assert resume_config(inside, [], {"num_workers": 2}, False).data.num_workers == 2
+    finished = _point()
+    finished.state["_run_status"] = "FINISHED"
+    with pytest.raises(CheckpointError, match="FINISHED after 2 epochs; pass --num-epochs larger than 2"):
+        resume_config(finished, [], {"num_epochs": 2}, False)
+    assert resume_config(finished, [], {"num_epochs": 3}, False).training.num_epochs == 3
