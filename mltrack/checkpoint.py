@@ -138,22 +138,28 @@ def save(state: dict[str, Any], path: Path) -> str:
     return manifest_digests(path)[0]
 
 
-def copy_verified(src: Path, dst: Path) -> str:
+def copy_verified(src: Path, dst: Path, digest: str | None = None) -> str:
     """Make ``dst`` (+ manifest) a verified copy of ``src`` with the same protocol; return the digest.
 
     A hard link when the filesystem allows (O(1), and immune to a later atomic replace of ``src``).
-    Raises CheckpointError if ``src`` does not verify against its manifest.
+    Raises CheckpointError if ``src`` does not verify against its manifest. ``digest``: the sha256 the
+    caller itself computed when it wrote ``src`` in this process; a hard link then shares those very
+    bytes, so neither side is hashed again (each checkpoint is hashed once, when it is written).
     """
-    verify(src)
+    if digest is None:
+        verify(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(dst)
     tmp.unlink(missing_ok=True)
+    linked = True
     try:
         os.link(src, tmp)
     except OSError:
+        linked = False
         shutil.copyfile(src, tmp)
     try:
-        digest = sha256_file(tmp)  # what was linked/copied, not what the manifest claimed a moment ago
+        if digest is None or not linked:
+            digest = sha256_file(tmp)  # what was linked/copied, not what the manifest claimed a moment ago
         _install(tmp, dst, digest)
     finally:
         tmp.unlink(missing_ok=True)

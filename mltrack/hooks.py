@@ -65,7 +65,9 @@ class CheckpointHook(Hook):
     Before ``last.pt`` is replaced, the previous one becomes ``prev.pt`` (a verified hard-link copy), so
     that a ``last.pt`` damaged in the artifact store still leaves a verified checkpoint one epoch older
     (``--fallback-previous``). Uploads are queued best, prev, last: the store never holds a ``last.pt``
-    whose best epoch's ``best.pt`` is not there yet.
+    whose best epoch's ``best.pt`` is not there yet. Each file's manifest goes first and lists the new
+    digest *and* the one the store holds, so a process killed between the two uploads leaves a pair that
+    still verifies (the same protocol as ``checkpoint.save``, across the network).
     """
 
     def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any]) -> None:
@@ -73,12 +75,18 @@ class CheckpointHook(Hook):
         self.tracker = tracker
         self.meta = meta  # split_digest, dataset fingerprint, mlflow_run_id
         self.rotated = False  # whether the last write kept the previous last.pt as prev.pt
+        self.last_digest: str | None = None  # sha256 of the last.pt this process wrote (None: verify it)
+        self.stored: dict[str, str] = {}  # file name -> digest the artifact store holds (or is about to)
 
     def on_fit_start(self, ctx: FitContext) -> None:
         removed = checkpoint.clean_stale_tmp(self.weights_dir)
         if removed:
             log.warning("removed %d temp file(s) left by an interrupted checkpoint write: %s", len(removed),
                         ", ".join(p.name for p in removed))
+        for name in ("best.pt", "prev.pt", "last.pt"):  # after a resume: the lineage the store holds
+            digests = checkpoint.manifest_digests(self.weights_dir / name)
+            if digests:
+                self.stored[name] = digests[0]
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process:
@@ -106,21 +114,35 @@ class CheckpointHook(Hook):
         self.rotated = False
         if last.is_file():
             try:
-                checkpoint.copy_verified(last, self.weights_dir / "prev.pt")
+                checkpoint.copy_verified(last, self.weights_dir / "prev.pt", self.last_digest)
                 self.rotated = True
             except CheckpointError as err:  # keep the older prev.pt rather than a copy that does not verify
                 log.warning("not keeping %s as prev.pt: %s", last, err)
-        checkpoint.save(state, last)
+        # One serialisation, one fsync and one hash per epoch: prev.pt and best.pt are hard links to it.
+        self.last_digest = checkpoint.save(state, last)
         if improved:
-            checkpoint.save(state, self.weights_dir / "best.pt")
+            checkpoint.copy_verified(last, self.weights_dir / "best.pt", self.last_digest)
 
     def _upload(self, improved: bool) -> None:
         if self.tracker is None:
             return
         names = (["best.pt"] if improved else []) + (["prev.pt"] if self.rotated else []) + ["last.pt"]
         for name in names:
-            self.tracker.log_artifact(self.weights_dir / (name + checkpoint.MANIFEST_SUFFIX), "weights")
+            digest = checkpoint.manifest_digests(self.weights_dir / name)[0]
+            accepted = [digest] + [d for d in [self.stored.get(name)] if d is not None and d != digest]
+            self.tracker.log_artifact(self._upload_manifest(name, accepted), "weights")
             self.tracker.log_artifact(self.weights_dir / name, "weights")
+            self.stored[name] = digest
+
+    def _upload_manifest(self, name: str, digests: list[str]) -> Path:
+        """``.upload/<name>.sha256`` listing ``digests``; a new file each time (os.replace), because the
+        tracker hard-links what it is asked to upload and an in-place rewrite would change a queued upload."""
+        path = self.weights_dir / ".upload" / (name + checkpoint.MANIFEST_SUFFIX)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + checkpoint.TMP_SUFFIX)
+        tmp.write_text("".join(f"{d}  {name}\n" for d in digests))
+        os.replace(tmp, path)
+        return path
 
 
 class TrackingHook(Hook):
