@@ -153,6 +153,7 @@ class Plan:
             R.measure("throughput", "mltrack_default", name, lambda mo=model: self._mltrack(default, mo),
                       need_s=self.need + 5)
         if default.value is not None:
+            R.measure("loader_only", "mltrack_default", "-", lambda: self._loader_only(default.value.train), need_s=8)
             shutdown(default.value.train)
 
     def _peer(self, label: str, make: Callable[[], Any], variants: list[tuple[str, bool]], skip: Optional[str]) -> None:

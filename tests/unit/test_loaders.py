@@ -8,13 +8,15 @@ from collections import Counter
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from mltrack.config import DataConfig, TransformName
 from mltrack.data.dataset import ImageListDataset, worker_error_message
 from mltrack.data.index import read_index
-from mltrack.data.loaders import build_loaders, resolve_num_workers
-from mltrack.data.transforms import TRANSFORMS, build_transform
+from mltrack.data import loaders as loaders_mod
+from mltrack.data.loaders import DeviceLoader, build_loaders, device_loader, resolve_num_workers, sub_batches
+from mltrack.data.transforms import TRANSFORMS, FloatTail, build_transform
 from mltrack.errors import ConfigError, DataError
 
 
@@ -196,3 +198,127 @@ def test_empty_train_index_is_an_error(tiny_dataset):
     (data / "splits" / "fold_0_train.txt").write_text("")
     with pytest.raises(DataError, match="train index of fold 0 .* is empty"):
         build_loaders(_cfg(data), 4, 0, True, "cpu")
+
+
+# ------------------------------------------------------------------ uint8 batches finished on the device
+
+
+def _uint8_dataset(data, split: str, recipe: str, size: int) -> ImageListDataset:
+    samples = read_index(data, split, 0)
+    return ImageListDataset(data / "raw", samples, build_transform(recipe, size, split == "train", uint8=True), 10**8)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_recipe_then_float_tail_equals_float_recipe(name, train):
+    """Same geometry and random draws, then the float tail on a batch: the float recipe's values."""
+    img = Image.effect_mandelbrot((37, 23), (-2.0, -1.2, 0.8, 1.2), 60).convert("RGB")  # varied pixels
+    torch.manual_seed(7)
+    expected = torch.stack([build_transform(name, 16, train=train)(img) for _ in range(3)])
+    torch.manual_seed(7)
+    raw = torch.stack([build_transform(name, 16, train=train, uint8=True)(img) for _ in range(3)])
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 16, 16)
+    for channels_last in (False, True):
+        out = FloatTail(name, channels_last)(raw.clone())
+        assert out.dtype == torch.float32 and (out - expected).abs().max().item() <= 1e-6
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    with pytest.raises(TypeError, match="uint8 batch"):
+        FloatTail(name)(expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_loader_on_cpu_equals_the_float_loader(tiny_dataset, monkeypatch, workers):
+    """What the CUDA path serves, run on the CPU: per sample equal (1e-6) to today's float batches."""
+    data = tiny_dataset(per_class=5, size=14, folds=2)
+    monkeypatch.setattr(loaders_mod, "SUB_BATCH_MIN", 2)  # batches of 4 in 2 worker tasks of 2
+    cfg = _cfg(data, transforms="imagenet", num_workers=workers)
+    plain = build_loaders(cfg, 4, 3, deterministic=True, device_type="cpu")
+    cpu = torch.device("cpu")
+    for split in ("val", "train"):
+        ds = _uint8_dataset(data, split, "imagenet", 12)
+        fast = device_loader(ds, "imagenet", split == "train", "shuffle", 4, workers,
+                             torch.Generator().manual_seed(3 if split == "train" else 4), cpu,
+                             persistent=False, channels_last=True)
+        assert fast.parts == (2 if workers else 1) and fast.loader.batch_size == 4 // fast.parts
+        reference = plain.train if split == "train" else plain.val
+        assert len(fast) == len(reference) and fast.batch_size == 4 and fast.generator is not None
+        torch.manual_seed(11)  # 0 workers: augmentation draws from the global RNG, in sample order
+        ref_batches = list(reference)
+        torch.manual_seed(11)
+        batches = list(fast)
+        assert [len(y) for _, y in batches] == [len(y) for _, y in ref_batches]  # last batch partial as before
+        labels, images = torch.cat([y for _, y in batches]), torch.cat([x for x, _ in batches])
+        assert labels.tolist() == torch.cat([y for _, y in ref_batches]).tolist()  # same order
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+        ref_images = torch.cat([x for x, _ in ref_batches])
+        if split == "val" or workers == 0:  # with workers, a train sample's random stream is its worker's
+            assert (images - ref_images).abs().max().item() <= 1e-6
+
+
+def test_device_loader_generator_state_replays_an_epoch(tiny_dataset, monkeypatch):
+    """Exact resume on the CUDA path: the saved generator state fixes order and augmentation."""
+    data = tiny_dataset(per_class=5, size=14, folds=2)
+    monkeypatch.setattr(loaders_mod, "SUB_BATCH_MIN", 2)
+
+    def make() -> DeviceLoader:
+        return device_loader(_uint8_dataset(data, "train", "digits", 12), "digits", True, "shuffle", 4, 2,
+                             torch.Generator().manual_seed(9), torch.device("cpu"), persistent=False)
+
+    first = make()
+    list(first)
+    state = first.generator.get_state()
+    expected = list(first)
+    resumed = make()
+    resumed.generator.set_state(state)
+    again = list(resumed)
+    assert len(again) == len(expected) == len(first)
+    for (x, y), (ex, ey) in zip(again, expected):
+        assert torch.equal(y, ey) and torch.equal(x, ex)
+
+
+def test_gpu_feeding_loaders_default_to_all_cores_but_one():
+    usable = len(os.sched_getaffinity(0))
+    assert resolve_num_workers(None, feeds_gpu=True) == max(1, min(32, usable - 1))
+    assert resolve_num_workers(3, feeds_gpu=True) == 3 and resolve_num_workers(0, feeds_gpu=True) == 0
+    assert resolve_num_workers(None) == min(8, os.cpu_count() or 1)  # CPU runs: unchanged
+
+
+def test_sub_batches_split_evenly_and_only_with_workers():
+    assert sub_batches(256, 15) == 8 and sub_batches(128, 4) == 4 and sub_batches(64, 4) == 2
+    assert sub_batches(32, 8) == 1 and sub_batches(96, 8) == 2 and sub_batches(97, 8) == 1
+    assert sub_batches(256, 0) == 1
+
+
+def test_cuda_device_gets_device_loaders_unless_dp_or_several_processes(tiny_dataset, monkeypatch):
+    """Which path build_loaders picks for a CUDA device (nothing is iterated: CI has no GPU)."""
+    data = tiny_dataset(per_class=4, size=8, folds=2)
+    cfg = _cfg(data, num_workers=2, cache="none")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fast = build_loaders(cfg, 64, 0, False, "cuda", trainer_type="mixed_precision", channels_last=True)
+    assert isinstance(fast.train, DeviceLoader) and isinstance(fast.test, DeviceLoader)
+    assert fast.train.pin_memory and fast.train.persistent_workers and fast.train.channels_last
+    assert fast.train.parts == 2 and fast.train.loader.prefetch_factor == 4 and len(fast.train) == 1
+    assert fast.datasets["train"][0][0].dtype == torch.uint8 and "2 workers send uint8" in fast.cache_reason
+    assert fast.train.generator is fast.generator  # the checkpointed generator drives the train loader
+    for trainer, world in (("dp", "1"), ("standard", "2")):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        plain = build_loaders(cfg, 64, 0, False, "cuda", trainer_type=trainer)
+        assert isinstance(plain.train, DataLoader) and plain.train.pin_memory
+        assert plain.datasets["train"][0][0].dtype == torch.float32
+    monkeypatch.delenv("WORLD_SIZE")
+    cpu = build_loaders(cfg, 64, 0, False, "cpu", trainer_type="mixed_precision")
+    assert isinstance(cpu.train, DataLoader) and cpu.datasets["train"][0][0].dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_equal_the_cpu_float_path(tiny_dataset):
+    data = tiny_dataset(per_class=5, size=14, folds=2)
+    cfg = _cfg(data, transforms="imagenet", num_workers=2, cache="none")
+    gpu = build_loaders(cfg, 4, 0, True, "cuda", trainer_type="standard", channels_last=True)
+    cpu = build_loaders(cfg, 4, 0, True, "cpu")
+    assert isinstance(gpu.val, DeviceLoader)
+    got = [(x, y) for x, y in gpu.val]
+    assert all(x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last) for x, _ in got)
+    x_gpu, y_gpu = torch.cat([x.cpu() for x, _ in got]), torch.cat([y.cpu() for _, y in got])
+    labels, x_cpu = _epoch(cpu.val)
+    assert y_gpu.tolist() == labels and (x_gpu - x_cpu).abs().max().item() <= 1e-6
