@@ -5,6 +5,7 @@ Precedence (highest first): CLI flag > ``--set a.b=c`` > ``--config`` YAML > def
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -230,7 +231,8 @@ def load_config(
     ``cli`` maps flag names of ``CLI_FLAG_KEYS`` to values; None means "not given".
     Raises ConfigError naming the dotted key for unknown keys and invalid values.
     """
-    tree: dict[str, Any] = dict(base or {})
+    # A deep copy: the caller's base (e.g. a checkpoint's config) must not be edited in place.
+    tree: dict[str, Any] = copy.deepcopy(dict(base or {}))
     if path:
         tree = read_yaml(path)
     for item in overrides:
