@@ -125,8 +125,9 @@ def test_server_killed_in_epoch_2_and_restarted_10s_later(tmp_path_factory: pyte
     print(f"\nepoch gaps during the outage (s): max {max(gaps):.1f}, all {gaps}")
     assert len(gaps) == epochs and max(gaps) < STEP_LIMIT_S
     assert done.out.count("tracking offline") == 1 and "tracking back online" in done.out
-    after_outage = done.out[done.out.index("tracking offline"):]
-    assert re.search(r"\| Epoch \d+/", after_outage), "no epoch was trained while the server was down"
+    # Not asserted: that an "Epoch" line follows the offline notice. On a loaded machine the remaining
+    # epochs can all finish before the tracker's worker notices the dead server (it only learns at its
+    # next send), which made that check flaky; the epoch gaps above bound any blocking instead.
     run_id = re.search(r"run id: +(\w+)", done.out).group(1)  # type: ignore[union-attr]
     weights = root / "outage" / "runs"
     local_last = next(weights.glob("*/weights/last.pt"))
