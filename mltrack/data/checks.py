@@ -44,6 +44,7 @@ from mltrack.data.check_report import (
 )
 from mltrack.data.index import is_inside, quarantine_path, read_quarantine, relpath_problem, scan_class
 from mltrack.data.leakage import check_splits, near_duplicates, perceptual_hash
+from mltrack.data.splits import write_atomic
 from mltrack.errors import DataError
 
 # The report types and their output functions live in check_report; callers import them from here too.
@@ -127,7 +128,7 @@ def write_quarantine(raw_dir: Path, bad: dict[str, str]) -> Path:
              "# Written by `mltrack check --quarantine`; delete this file to use them again."]
     lines += [f"{rel}\t{' '.join(why.split())}" for rel, why in sorted(bad.items())]
     path = quarantine_path(raw_dir)
-    _write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 
@@ -173,7 +174,7 @@ def _inspect_all(
     if use_cache and (decoded or set(old) != set(infos)):
         data = {"version": MANIFEST_VERSION, "max_pixels": max_pixels, "files": infos}
         try:
-            _write_atomic(manifest_path, json.dumps(data, sort_keys=True).encode())
+            write_atomic(manifest_path, json.dumps(data, sort_keys=True).encode())
         except OSError as err:  # a read-only dataset still gets checked, just not cached
             log.debug("cannot write %s: %s", manifest_path, err)
     return infos, decoded, cached
@@ -219,17 +220,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------- findings

@@ -220,7 +220,7 @@ def _deal_to_folds(pool_groups: list[list[str]], fold_totals: list[int]) -> list
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write via a same-directory temp file, fsync, rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -242,9 +242,9 @@ def _write_index_files(out_dir: Path, test: list[str], val: list[list[str]], poo
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, fold_val in enumerate(val):
         held_out = set(fold_val)
-        _write_atomic(out_dir / f"fold_{k}_train.txt", _lines([r for r in pool if r not in held_out]))
-        _write_atomic(out_dir / f"fold_{k}_val.txt", _lines(fold_val))
-    _write_atomic(out_dir / "test.txt", _lines(test))
+        write_atomic(out_dir / f"fold_{k}_train.txt", _lines([r for r in pool if r not in held_out]))
+        write_atomic(out_dir / f"fold_{k}_val.txt", _lines(fold_val))
+    write_atomic(out_dir / "test.txt", _lines(test))
     for stale in out_dir.iterdir():  # folds of an earlier split with more folds would be silently reused
         match = _FOLD_FILE.match(stale.name)
         if match and int(match.group(1)) >= len(val):
@@ -320,4 +320,4 @@ def _write_info(out_dir: Path, summary: SplitSummary, params: dict[str, object],
         "fold_digests": [split_digest(out_dir, k) for k in range(summary.folds)],
         "digest": summary.digest,
     }
-    _write_atomic(out_dir / "split_info.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(out_dir / "split_info.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
