@@ -4,7 +4,6 @@ Everything here runs before a run is re-opened, so a refused resume changes noth
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +159,7 @@ def resume_config(point: ResumePoint, overrides: list[str] | tuple[str, ...], cl
     """The checkpoint's config with only what the user typed now applied; record the drift."""
     # A deep copy: load_config edits nested sections of its base in place, and the drift below compares
     # against the checkpoint's own config.
-    cfg = load_config(None, overrides, cli, base=copy.deepcopy(point.state["config"]))
+    cfg = load_config(None, overrides, cli, base=point.state["config"])  # load_config copies its base
     before, after = flatten(point.state["config"]), flatten(cfg)
     point.drift = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     for key, what in FIXED.items():

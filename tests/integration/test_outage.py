@@ -3,15 +3,9 @@ while ``mltrack train`` (a real CLI process) is in epoch 2. Training never waits
 replayed once a server is back, or left in a spool that ``mltrack sync`` replays."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -20,50 +14,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from test_resume import COMPARED, Cli, Session, env_for, train_args
+from test_tracking_server import Server, _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(600)]
 
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 STEP_LIMIT_S = 20  # no epoch may be held up longer than this by the tracking server
-
-
-class Server:
-    """``mlflow server`` (sqlite backend + served artifacts under ``root``) in its own process group."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port, self.uri = root, port, f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "Server":
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'srv.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.root / f"server_{self.port}.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / f"server_{self.port}.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"mlflow server on port {self.port} did not become healthy")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn worker
-            self.proc.wait(10)
-        self.proc = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import synthetic_image
+from test_evaluate_predict import only_training_run
 from mltrack.cli import cli
 
 SIZE = 8
@@ -30,18 +31,6 @@ TINY = ["--set", "data.dataset_name=tiny", "--set", f"data.image_size={SIZE}", "
 
 def invoke(args: list[str]):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
-
-
-def only_training_run() -> tuple[str, Path]:
-    """(run id, local run folder) of the one training run in the store (stdout is not parsed: it may be
-    bound to another stream when mltrack.run was imported earlier in the test session)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`mltrack.role` = 'train'")
-    assert len(runs) == 1
-    return runs[0].info.run_id, Path(runs[0].data.tags["mltrack.run_dir"])
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ class Server:
 
     def wait_healthy(self) -> "Server":
         assert self.proc is not None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.root / f"server-{self.port}.log").read_text()[-2000:]
             try:
@@ -53,6 +53,9 @@ class Server:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError(f"mlflow server on port {self.port} did not become healthy")
+
+    def start(self) -> "Server":
+        return self.launch().wait_healthy()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
