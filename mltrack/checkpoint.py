@@ -37,11 +37,8 @@ TMP_SUFFIX = ".tmp"
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    with open(path, "rb") as fh:  # streamed in chunks by hashlib itself
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def manifest_path(path: Path) -> Path:

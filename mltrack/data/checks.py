@@ -55,7 +55,6 @@ DEFAULT_MAX_PIXELS = 40_000_000  # = DataConfig.max_image_pixels default
 MANIFEST_FILE = ".mltrack_check.json"
 MANIFEST_VERSION = 1
 IMBALANCE_WARN = 10.0  # largest / smallest class above this is a warning
-_HASH_CHUNK = 1 << 20
 
 log = get_logger()
 
@@ -213,11 +212,8 @@ def _inspect(path: Path, max_pixels: int) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as fh:  # streamed in chunks by hashlib itself
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 

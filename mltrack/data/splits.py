@@ -21,7 +21,6 @@ from mltrack.data.index import class_names, is_inside, iter_class_images, relpat
 from mltrack.errors import ConfigError, DataError
 
 _FOLD_FILE = re.compile(r"^fold_(\d+)_(train|val)\.txt$")
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -134,11 +133,8 @@ def _list_files(raw_dir: Path, names: list[str]) -> dict[str, list[str]]:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as fh:  # streamed in chunks by hashlib itself
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _content_groups(files: dict[str, list[str]], hashes: dict[str, str]) -> dict[str, list[list[str]]]:
