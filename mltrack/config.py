@@ -79,6 +79,9 @@ class TrainingConfig(_Frozen):
     deterministic: bool = False  # torch.use_deterministic_algorithms + seeded workers
     amp_dtype: Optional[Literal["float16", "bfloat16"]] = None  # mixed_precision/accelerate; None: bfloat16 / no AMP
     channels_last: bool = False
+    # fp32 matmuls/convolutions on TensorFloat-32 tensor cores (GPU only). On: ~1.9x faster fp32 training on an
+    # H100 for a 10-bit mantissa inside the products; off: IEEE fp32 products, for bit-level comparisons.
+    tf32: bool = True
     compile: bool = False  # torch.compile the model (not with dp)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: Optional[float] = Field(None, gt=0.0)  # global-norm clipping; None: off

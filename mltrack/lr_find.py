@@ -154,7 +154,7 @@ def run_lr_find(cfg: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0,
     lrs = lr_schedule(start_lr, end_lr, num_iter)
     device = resolve_device(cfg.training.device)
     names, digest = prepare_data(cfg)
-    seed_everything(cfg.training.seed, cfg.training.deterministic)
+    seed_everything(cfg.training.seed, cfg.training.deterministic, cfg.training.tf32)
     model = build_model(cfg.model, len(names), image_size=cfg.data.image_size)
     loaders = build_loaders(cfg.data, cfg.training.batch_size, cfg.training.seed, cfg.training.deterministic,
                             device.type, splits=("train",))

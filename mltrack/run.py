@@ -66,7 +66,7 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int, deterministic: bool, tf32: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -75,8 +75,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():  # set both ways: an earlier run in this process (search trials) may differ
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def prepare_data(cfg: RunConfig) -> tuple[list[str], str]:
@@ -336,7 +337,7 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
     from mltrack.optim import build_optimizer, build_scheduler
     from mltrack.trainers import build_trainer
 
-    seed_everything(cfg.training.seed, cfg.training.deterministic)
+    seed_everything(cfg.training.seed, cfg.training.deterministic, cfg.training.tf32)
     log.info("Using fold: %d  device: %s  trainer: %s", cfg.data.fold, device, cfg.training.trainer_type)
     loaders = build_loaders(cfg.data, cfg.training.batch_size, cfg.training.seed, cfg.training.deterministic,
                             device.type, device=device, trainer_type=cfg.training.trainer_type,
