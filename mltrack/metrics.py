@@ -39,6 +39,32 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
     return flat.reshape(num_classes, num_classes)
 
 
+def accumulate_confusion(cm: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Add one batch's ``cm[true, pred]`` counts into ``cm`` (n x n int64) in place; return how many
+    pairs fell outside ``[0, n)`` (a 0-d tensor on the device; they are not counted).
+
+    Unlike :func:`confusion_matrix` nothing is read back to the host, so the training loop can call it
+    every batch without stalling the GPU queue; the caller checks the out-of-range count once, with
+    :func:`check_labels`. ``scatter_add_`` on a 1-D tensor is deterministic on CUDA.
+    """
+    import torch
+
+    n = cm.shape[0]
+    preds, targets = preds.reshape(-1).long(), targets.reshape(-1).long()
+    valid = (preds >= 0) & (preds < n) & (targets >= 0) & (targets < n)
+    index = torch.where(valid, targets * n + preds, torch.zeros_like(preds))
+    cm.view(-1).scatter_add_(0, index, valid.long())
+    return (~valid).sum()
+
+
+def check_labels(invalid: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError if :func:`accumulate_confusion` met labels outside ``[0, num_classes)``."""
+    count = int(invalid)
+    if count:
+        raise ValueError(f"{count} predicted or true labels were outside [0, {num_classes}): the model's "
+                         "output size or the dataset's class indices are wrong")
+
+
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     # 0/0 -> 0 (sklearn zero_division=0) without a Python branch per class.
     import torch

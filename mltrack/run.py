@@ -345,7 +345,8 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
     log.info("Dataset sizes: %s  data cache: %s (%s)", loaders.sizes, loaders.cache, loaders.cache_reason)
     trainer = build_trainer(cfg.training, device)
     model = build_model(cfg.model, len(class_names), image_size=cfg.data.image_size)
-    optimizer = build_optimizer(cfg.optimizer, model)  # the module: decay is skipped for biases and norms
+    # The module: decay is skipped for biases and norms. Opacus' DPOptimizer drives a plain (unfused) one.
+    optimizer = build_optimizer(cfg.optimizer, model, fused=cfg.training.trainer_type != "dp")
     model, optimizer, loader_map = trainer.prepare(
         model, optimizer, {"train": loaders.train, "val": loaders.val, "test": loaders.test})
     steps = max(1, -(-len(loader_map["train"]) // cfg.training.gradient_accumulation_steps))

@@ -111,9 +111,16 @@ class AccelerateTrainer(Trainer):
         if self.cfg.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)  # unscales first
 
-    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-        self.clip_gradients(model)
-        optimizer.step()
+    def inner_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps the torch one
+
+    def skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        # float16: accelerate's GradScaler owns found_inf.
+        return getattr(optimizer, "scaler", None) is None and super().skips_on_device(optimizer)
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       found_inf: torch.Tensor | None = None) -> bool:
+        super().optimizer_step(model, optimizer, found_inf)
         return not bool(getattr(optimizer, "step_was_skipped", False))  # fp16 scaler found inf/NaN
 
     def gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -75,10 +75,33 @@ class Trainer:
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
 
-    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-        """Clip and step; return False when the step was skipped (e.g. inf gradients under a scaler)."""
+    def inner_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The torch optimizer that runs the update (under any wrapper the trainer added)."""
+        return optimizer
+
+    def skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer_step(found_inf=...)`` can skip a step on the device.
+
+        torch's fused Adam/AdamW/SGD read a ``found_inf`` tensor inside the update kernel (the protocol
+        GradScaler uses) and leave weights, moments and step counts untouched when it is 1. The loop
+        then need not read the loss back to the host before every step, which would stall the GPU queue.
+        """
+        return bool(getattr(self.inner_optimizer(optimizer), "_step_supports_amp_scaling", False))
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       found_inf: torch.Tensor | None = None) -> bool:
+        """Clip and step; return False when the step was known to be skipped (e.g. inf gradients under a
+        scaler). ``found_inf`` (only when ``skips_on_device``): a 0-d tensor, 1 = skip this step."""
         self.clip_gradients(model)
-        optimizer.step()
+        if found_inf is None:
+            optimizer.step()
+            return True
+        inner = self.inner_optimizer(optimizer)
+        inner.found_inf = found_inf.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf  # type: ignore[attr-defined]
         return True
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:

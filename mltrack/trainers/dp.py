@@ -258,7 +258,12 @@ class DPTrainer(Trainer):
             warnings.filterwarnings("ignore", message=_HOOK_WARNING)
             loss.backward()
 
-    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    def skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        return False  # the step is Opacus' pre_step (clip, noise, account) plus the plain optimizer
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       found_inf: torch.Tensor | None = None) -> bool:
+        assert found_inf is None, "dp steps are guarded on the host (skips_on_device is False)"
         params = optimizer.params  # type: ignore[attr-defined]  # DPOptimizer: the trainable parameters
         if all(getattr(p, "grad_sample", None) is None for p in params):
             # The loop skipped an empty Poisson batch: take the step anyway (module docstring).

@@ -2,8 +2,9 @@
 variation points (see ``base.Trainer``); side effects of an epoch live in ``mltrack.hooks``.
 
 Per-batch statistics are accumulated on the device and read once per epoch, so logging costs no
-per-batch GPU->CPU synchronisation. The only per-step sync is the non-finite-loss guard, which must
-decide before the optimizer step whether to skip it.
+per-batch GPU->CPU synchronisation. The non-finite-loss guard needs none either when the optimizer can
+skip a step on the device (fused torch optimizers, ``Trainer.skips_on_device``); otherwise it reads the
+loss back once per optimizer step to decide whether to step.
 """
 from __future__ import annotations
 
@@ -19,17 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mltrack.config import RunConfig
-from mltrack.metrics import confusion_matrix, sanitize_metric_key, summarize
+from mltrack.metrics import accumulate_confusion, check_labels, sanitize_metric_key, summarize
 from mltrack.trainers.base import Trainer
+from mltrack.trainers.guard import NonFiniteCounters, NonFiniteLossError
+
+__all__ = ["NonFiniteLossError", "fit", "train_epoch", "evaluate"]
 
 
 # Set by the SIGTERM/SIGINT handler installed in run.py; read at batch boundaries. A module global
 # because a signal handler cannot reach the FitContext of the running loop.
 STOP_REQUESTED: Optional[str] = None
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps had a non-finite loss."""
 
 
 class StopTraining(Exception):
@@ -185,7 +185,9 @@ class _EpochSums:
         cm = part.get("cm")
         self.cm = (torch.as_tensor(cm, dtype=torch.int64).to(device) if cm is not None
                    else torch.zeros(n, n, dtype=torch.int64, device=device))
-        self.consecutive_bad = int(part.get("consecutive_bad", 0))
+        self.bad = NonFiniteCounters(device, int(part.get("consecutive_bad", 0)),
+                                     ctx.cfg.training.max_nonfinite_steps)
+        self.invalid_labels = torch.zeros((), dtype=torch.int64, device=device)
         self.elapsed_before = float(part.get("elapsed", 0.0))
         self.lr = float(part["lr"]) if "lr" in part else ctx.schedule.current_lr()
         if "loader_state" in part and generator is not None:
@@ -199,12 +201,18 @@ class _EpochSums:
     def to_partial(self) -> dict[str, Any]:
         return {"loader_state": self.loader_state, "lr": self.lr, "loss_sum": float(self.loss_sum.item()),
                 "seen": int(self.seen.item()), "cm": self.cm.cpu().tolist(),
-                "consecutive_bad": self.consecutive_bad, "elapsed": self.elapsed()}
+                "consecutive_bad": int(self.bad.streak), "elapsed": self.elapsed()}
+
+    def close(self, ctx: FitContext) -> None:
+        """Fold this pass's counts into the fit state (once, when the pass ends or stops)."""
+        ctx.state.nonfinite_steps += int(self.bad.total)
+        check_labels(self.invalid_labels, ctx.num_classes)
 
 
 def _stop_inside_epoch(ctx: FitContext, sums: _EpochSums, done: int) -> Interrupted:
     """Record the position after ``done`` complete batches and return the exception to raise."""
     assert STOP_REQUESTED is not None
+    sums.close(ctx)
     ctx.state.batch, ctx.state.partial = done, sums.to_partial()
     return Interrupted(STOP_REQUESTED)
 
@@ -254,29 +262,30 @@ def _forward_backward(ctx: FitContext, sums: "_EpochSums", images: torch.Tensor,
     batch_loss = loss.detach().double() * targets.numel()
     sums.loss_sum += torch.nan_to_num(batch_loss, nan=0.0, posinf=0.0, neginf=0.0)
     sums.seen += targets.numel()
-    sums.cm += confusion_matrix(logits.detach().argmax(1), targets, ctx.num_classes)
+    sums.invalid_labels += accumulate_confusion(sums.cm, logits.detach().argmax(1), targets)
     return loss.detach()
 
 
 def _optimizer_step(ctx: FitContext, sums: "_EpochSums", group_loss: torch.Tensor, batch: int) -> None:
     """Step on the accumulated gradients unless the group's loss is non-finite (then count it, and fail
-    after ``training.max_nonfinite_steps`` in a row); gradients are zeroed either way."""
+    after ``training.max_nonfinite_steps`` in a row); gradients are zeroed either way.
+
+    Every process must take the same decision, or the DDP replicas diverge: hence the sum over processes.
+    On the device path a skipped step still advances the lr schedule and ``global_step`` (as a step that
+    GradScaler skips does); on the host path it advances neither.
+    """
     trainer = ctx.trainer
-    # The guard needs the value now: a step with a NaN/inf loss must not touch the weights.
-    # Every process must take the same decision, or the DDP replicas diverge.
-    if int(trainer.reduce_sum((~torch.isfinite(group_loss)).to(torch.int64))) == 0:
-        sums.consecutive_bad = 0
-        if trainer.optimizer_step(ctx.model, ctx.optimizer):
-            ctx.state.global_step += 1
-            ctx.schedule.step_batch()
-    else:
-        sums.consecutive_bad += 1
-        ctx.state.nonfinite_steps += 1
-        if sums.consecutive_bad >= ctx.cfg.training.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{sums.consecutive_bad} consecutive optimizer steps had a non-finite loss "
-                f"(epoch {ctx.state.epoch}, batch {batch}); lower the learning rate or check the data"
-            )
+    bad = trainer.reduce_sum((~torch.isfinite(group_loss)).to(torch.int64)).clamp(max=1)
+    where = f"epoch {ctx.state.epoch}, batch {batch}"
+    if trainer.skips_on_device(ctx.optimizer):
+        trainer.optimizer_step(ctx.model, ctx.optimizer, found_inf=bad)
+        stepped = True
+    else:  # the value is needed now: a step with a NaN/inf loss must not touch the weights
+        stepped = int(bad) == 0 and trainer.optimizer_step(ctx.model, ctx.optimizer)
+    if stepped:
+        ctx.state.global_step += 1
+        ctx.schedule.step_batch()
+    sums.bad.update(bad, where)
     trainer.zero_grad(ctx.optimizer)
 
 
@@ -311,6 +320,8 @@ def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
                     raise _stop_inside_epoch(ctx, sums, done)
             advance(1)
     elapsed = sums.elapsed()
+    sums.bad.check_now(f"epoch {ctx.state.epoch}")
+    sums.close(ctx)
     loss_sum, seen, cm = trainer.reduce_sum(sums.loss_sum), trainer.reduce_sum(sums.seen), trainer.reduce_sum(sums.cm)
     n = max(int(seen.item()), 1)
     metrics = {
@@ -335,6 +346,7 @@ def evaluate(ctx: FitContext, loader: DataLoader, model: nn.Module | None = None
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = torch.zeros((), device=device, dtype=torch.int64)
     cm = torch.zeros(ctx.num_classes, ctx.num_classes, dtype=torch.int64, device=device)
+    invalid = torch.zeros((), dtype=torch.int64, device=device)
     for images, targets in loader:
         images, targets = trainer.to_device(images, targets)
         with trainer.autocast():
@@ -342,7 +354,8 @@ def evaluate(ctx: FitContext, loader: DataLoader, model: nn.Module | None = None
         logits, targets = trainer.gather(logits, targets)
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         seen += targets.numel()
-        cm += confusion_matrix(logits.argmax(1), targets, ctx.num_classes)
+        invalid += accumulate_confusion(cm, logits.argmax(1), targets)
+    check_labels(invalid, ctx.num_classes)
     return float(loss_sum.item()) / max(int(seen.item()), 1), cm.cpu()
 
 

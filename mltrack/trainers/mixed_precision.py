@@ -34,9 +34,14 @@ class MixedPrecisionTrainer(Trainer):
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    def skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        # float16: the scaler owns found_inf (and reads its scale back each step anyway).
+        return not self.scaler.is_enabled() and super().skips_on_device(optimizer)
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       found_inf: torch.Tensor | None = None) -> bool:
         if not self.scaler.is_enabled():
-            return super().optimizer_step(model, optimizer)
+            return super().optimizer_step(model, optimizer, found_inf)
         self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         self.clip_gradients(model)
         scale_before = self.scaler.get_scale()

@@ -119,3 +119,20 @@ def test_confusion_matrix_figure_is_annotated_and_renders() -> None:
     fig.savefig(buf, format="png")
     png = Image.open(io.BytesIO(buf.getvalue()))
     assert png.size[0] >= 600 and png.size[1] >= 600
+
+
+def test_accumulate_confusion_matches_confusion_matrix_and_counts_out_of_range() -> None:
+    import torch
+
+    from mltrack.metrics import accumulate_confusion, check_labels, confusion_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    preds, targets = torch.randint(0, 4, (200,), generator=gen), torch.randint(0, 4, (200,), generator=gen)
+    cm = torch.zeros(4, 4, dtype=torch.int64)
+    invalid = accumulate_confusion(cm, preds[:120], targets[:120]) + accumulate_confusion(cm, preds[120:], targets[120:])
+    assert torch.equal(cm, confusion_matrix(preds, targets, 4)) and int(invalid) == 0
+    check_labels(invalid, 4)
+    bad = accumulate_confusion(cm, torch.tensor([0, 4, 1]), torch.tensor([-1, 0, 1]))
+    assert int(bad) == 2 and int(cm.sum()) == 201  # only the in-range pair was counted
+    with pytest.raises(ValueError, match=r"2 predicted or true labels were outside \[0, 4\)"):
+        check_labels(bad, 4)

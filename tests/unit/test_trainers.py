@@ -365,3 +365,55 @@ def test_dp_hooks_mode_on_in_place_ops_is_a_config_error() -> None:
     metrics, _ = train_epoch(_context(_dp_cfg("training.batch_size=4", "training.dp.grad_sample_mode=ew"), model(),
                                       _tensor_loader(16, 4)))
     assert math.isfinite(metrics["train/loss"])
+
+
+# ---------------------------------------------------------------- non-finite guard
+
+
+def _nan_loader(n: int, batch: int, bad_batches: set[int]) -> DataLoader:
+    """Unshuffled: batch i holds NaN images when i is in ``bad_batches`` (so its loss is NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 3, 8, 8, generator=gen), torch.arange(n) % 3
+    for i in bad_batches:
+        x[i * batch:(i + 1) * batch] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["device_skip", "host_skip"])
+def test_nonfinite_step_is_skipped_and_leaves_weights_and_moments(fused: bool) -> None:
+    """A NaN batch between good ones: weights, AdamW moments and step count are those of a run that never
+    saw it (fused: skipped on the device via found_inf; unfused: skipped after reading the loss back)."""
+    from mltrack.optim import build_optimizer
+
+    cfg = _cfg("training.num_epochs=1", "training.batch_size=4", "scheduler.name=none", "training.max_nonfinite_steps=2")
+    results = []
+    for bad in (set(), {1}):
+        torch.manual_seed(5)
+        model = TinyConv()
+        loader = _nan_loader(12, 4, bad)
+        if not bad:  # the reference sees only the two good batches, in the same order
+            loader = DataLoader(torch.utils.data.Subset(loader.dataset, [*range(4), *range(8, 12)]), batch_size=4)
+        ctx = _context(cfg, model, loader, build_optimizer(cfg.optimizer, model, fused=fused))
+        assert ctx.trainer.skips_on_device(ctx.optimizer) is fused
+        metrics, _ = train_epoch(ctx)
+        state = ctx.optimizer.state[next(ctx.model.parameters())]
+        results.append((ctx, [p.detach().clone() for p in ctx.model.parameters()], float(state["step"])))
+    (_, clean, clean_steps), (ctx, guarded, guarded_steps) = results
+    assert ctx.state.nonfinite_steps == 1 and clean_steps == guarded_steps == 2.0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(clean, guarded))
+    assert ctx.state.global_step == (3 if fused else 2)  # device path: a skipped step still counts as a step
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["device_skip", "host_skip"])
+def test_nonfinite_streak_fails_the_run_at_the_limit(fused: bool) -> None:
+    from mltrack.optim import build_optimizer
+    from mltrack.trainers.loop import NonFiniteLossError
+
+    cfg = _cfg("training.num_epochs=1", "training.batch_size=4", "training.max_nonfinite_steps=2")
+    model = TinyConv()
+    ctx = _context(cfg, model, _nan_loader(20, 4, {1, 3, 4}), build_optimizer(cfg.optimizer, model, fused=fused))
+    before = [p.detach().clone() for p in ctx.model.parameters()]
+    with pytest.raises(NonFiniteLossError, match="2 consecutive optimizer steps.*batch 4"):
+        train_epoch(ctx)
+    assert all(torch.isfinite(p).all() for p in ctx.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, ctx.model.parameters()))  # good batches stepped
