@@ -62,11 +62,12 @@ def run_all(R: Any, cfg: dict[str, Any], device: torch.device, cache_dir: Path, 
     work = cache_dir / "work" / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     plan = Plan(R, cfg, device, root, work, tiny)
-    groups = [plan.throughput, lambda: plan.hymenoptera(cache_dir), plan.tracking, plan.compiled, plan.nvjpeg]
+    groups = {"throughput": plan.throughput, "hymenoptera": lambda: plan.hymenoptera(cache_dir),
+              "tracking": plan.tracking, "compiled": plan.compiled, "nvjpeg": plan.nvjpeg}
     try:
-        for name, group in zip(("throughput", "hymenoptera", "tracking", "compiled", "nvjpeg"), groups):
+        for name in cfg.get("groups", list(groups)):
             try:
-                group()
+                groups[name]()
             except Exception as err:  # noqa: BLE001 - set-up outside a variant failed: keep the other groups
                 R.log(f"FAIL group {name}: {type(err).__name__}: {err}")
                 R.extra.setdefault("group_errors", {})[name] = traceback.format_exc()[-2000:]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # the helpers beside this file, then mltrack itself
+GROUPS = ("throughput", "hymenoptera", "tracking", "compiled", "nvjpeg")  # what _plan.run_all can run
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -39,6 +40,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="minimum timed window per variant, after warm-up")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting variants after this many seconds")
     p.add_argument("--skip", default="", help="comma list of variant names to skip")
+    p.add_argument("--groups", default=",".join(GROUPS),
+                   help=f"comma list of variant groups to run, in this order (default all: {','.join(GROUPS)}); "
+                        "e.g. 'compiled' alone in its own call, since compiling takes minutes")
     p.add_argument("--markdown", metavar="BENCH_JSON", help="only print a saved bench.json as Markdown (README)")
     return p.parse_args(argv)
 
@@ -57,6 +61,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                 image=args.image_size, workers=args.workers, seconds=args.seconds, budget=args.budget_s)
     base.update({k: v for k, v in over.items() if v is not None})
     base["compile"] = [m for m in args.compile_models.split(",") if m] if not args.tiny else []
+    base["groups"] = [g for g in args.groups.split(",") if g]
+    unknown = sorted(set(base["groups"]) - set(GROUPS))
+    if unknown:
+        raise SystemExit(f"--groups: unknown {', '.join(unknown)}; valid: {', '.join(GROUPS)}")
     base["skip"] = set(filter(None, args.skip.split(",")))
     return base
 

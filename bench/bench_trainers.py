@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,20 +24,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import make_dataset  # noqa: E402  (bench-local module)
 
+# label -> settings. "standard_ieee" is the standard trainer with TF32 off: IEEE fp32 products, the fp32
+# baseline of issue 4's figures; "standard" keeps mltrack's default (fp32 with TF32 tensor cores).
 TRAINER_SETTINGS: dict[str, list[str]] = {
-    "standard": [],
-    "mixed_precision": ["training.amp_dtype=bfloat16", "training.channels_last=true"],
-    "accelerate": ["training.amp_dtype=bfloat16", "training.channels_last=true"],
+    "standard": ["training.trainer_type=standard"],
+    "standard_ieee": ["training.trainer_type=standard", "training.tf32=false"],
+    "mixed_precision": ["training.trainer_type=mixed_precision", "training.amp_dtype=bfloat16",
+                        "training.channels_last=true"],
+    "accelerate": ["training.trainer_type=accelerate", "training.amp_dtype=bfloat16", "training.channels_last=true"],
     # Opacus: per-sample gradients via expanded weights ("ew"): hooks mode fails on torchvision ResNets.
-    "dp": ["training.dp.noise_multiplier=1.0", "training.dp.max_grad_norm=1.0", "training.dp.target_delta=1e-5",
-           "training.dp.grad_sample_mode=ew"],
+    "dp": ["training.trainer_type=dp", "training.dp.noise_multiplier=1.0", "training.dp.max_grad_norm=1.0",
+           "training.dp.target_delta=1e-5", "training.dp.grad_sample_mode=ew"],
 }
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", default="resnet18,resnet50")
-    p.add_argument("--trainers", default="standard,mixed_precision,accelerate,dp")
+    p.add_argument("--trainers", default="standard,standard_ieee,mixed_precision,accelerate,dp")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--dp-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
@@ -55,7 +60,7 @@ def run_one(args: argparse.Namespace, model: str, trainer: str, store: Path) -> 
     sets = [
         "data.dataset_name=bench", f"data.data_dir={args.data}", f"model.architecture={model}",
         f"data.image_size={16 if args.tiny else 224}", f"data.transforms={'basic' if args.tiny else 'imagenet'}",
-        f"training.trainer_type={trainer}", f"training.num_epochs={epochs}", f"training.batch_size={args.batch_size}",
+        f"training.num_epochs={epochs}", f"training.batch_size={args.batch_size}",
         f"data.num_workers={args.workers}", "optimizer.name=adamw", "optimizer.lr=0.001", "scheduler.warmup_epochs=0",
         "tracking.progress=off", "tracking.confusion_every_epoch=false", "tracking.tensorboard=false",
         f"tracking.run_name={model}_{trainer}", f"training.device={'cpu' if args.tiny else 'cuda'}",
@@ -74,6 +79,8 @@ def run_one(args: argparse.Namespace, model: str, trainer: str, store: Path) -> 
         row["error"] = (proc.stderr or proc.stdout)[-2000:]
         return row
     row.update(read_run(store, f"{model}_{trainer}"))
+    cache = re.search(r"data cache: (\S+) \((.*?)\)\s*$", proc.stdout + proc.stderr, re.MULTILINE)
+    row["data_cache"] = f"{cache.group(1)} ({cache.group(2)})" if cache else None
     return row
 
 
@@ -111,12 +118,16 @@ def main() -> None:
             row = run_one(args, model, trainer, store)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'model':10} {'trainer':16} {'img/s':>8} {'x std':>6} {'peak GB':>8} {'val acc':>8} {'test acc':>8}")
+    print(f"\n{'model':10} {'trainer':16} {'img/s':>8} {'x std':>6} {'x ieee':>6} {'peak GB':>8} {'val acc':>8} "
+          f"{'test acc':>8}  data cache")
     for row in rows:
-        base = next((r.get("img_per_s") for r in rows if r["model"] == row["model"] and r["trainer"] == "standard"), None)
-        ratio = f"{row['img_per_s'] / base:.2f}" if base and row.get("img_per_s") else "-"
-        print(f"{row['model']:10} {row['trainer']:16} {row.get('img_per_s', 'FAIL')!s:>8} {ratio:>6} "
-              f"{row.get('peak_mem_gb')!s:>8} {row.get('val_acc')!s:>8} {row.get('test_acc')!s:>8}")
+        ratios = []
+        for base_name in ("standard", "standard_ieee"):
+            base = next((r.get("img_per_s") for r in rows if r["model"] == row["model"] and r["trainer"] == base_name),
+                        None)
+            ratios.append(f"{row['img_per_s'] / base:.2f}" if base and row.get("img_per_s") else "-")
+        print(f"{row['model']:10} {row['trainer']:16} {row.get('img_per_s', 'FAIL')!s:>8} {ratios[0]:>6} {ratios[1]:>6} "
+              f"{row.get('peak_mem_gb')!s:>8} {row.get('val_acc')!s:>8} {row.get('test_acc')!s:>8}  {row.get('data_cache')}")
     if args.out:
         args.out.write_text(json.dumps({"dataset": meta, "rows": rows}, indent=2))
 
