@@ -126,11 +126,11 @@ def _tensor_loader(n: int, batch: int, seed: int = 1, size: int = 8) -> DataLoad
                       generator=torch.Generator().manual_seed(seed))
 
 
-def _context(cfg: RunConfig, model: nn.Module, train: DataLoader, optimizer: torch.optim.Optimizer | None = None
-             ) -> FitContext:
+def _context(cfg: RunConfig, model: nn.Module, train: DataLoader, optimizer: torch.optim.Optimizer | None = None,
+             device: torch.device = CPU) -> FitContext:
     from mltrack.optim import build_optimizer, build_scheduler
 
-    trainer = build_trainer(cfg.training, CPU)
+    trainer = build_trainer(cfg.training, device)
     optimizer = optimizer if optimizer is not None else build_optimizer(cfg.optimizer, model)
     model, optimizer, loaders = trainer.prepare(model, optimizer, {"train": train, "val": None, "test": None})
     schedule = build_scheduler(cfg.scheduler, optimizer, cfg.training.num_epochs, len(loaders["train"]),
@@ -417,3 +417,25 @@ def test_nonfinite_streak_fails_the_run_at_the_limit(fused: bool) -> None:
         train_epoch(ctx)
     assert all(torch.isfinite(p).all() for p in ctx.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, ctx.model.parameters()))  # good batches stepped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("trainer", ["standard", "mixed_precision"])
+def test_nonfinite_guard_on_cuda_skips_without_sync_and_fails_by_epoch_end(trainer: str) -> None:
+    """On CUDA the streak is read back lazily: the error comes at the latest at the end of the epoch, and
+    no NaN ever reaches the weights (the fused optimizer skipped those steps on the device)."""
+    from mltrack.optim import build_optimizer
+    from mltrack.trainers.loop import NonFiniteLossError
+
+    cuda = torch.device("cuda")
+    cfg = _cfg(f"training.trainer_type={trainer}", "training.num_epochs=1", "training.batch_size=4",
+               "training.max_nonfinite_steps=2", "training.channels_last=true")
+    model = TinyConv()
+    ctx = _context(cfg, model, _nan_loader(24, 4, {1, 3, 4}), build_optimizer(cfg.optimizer, model, fused=True), cuda)
+    assert ctx.trainer.skips_on_device(ctx.optimizer)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive"):
+        train_epoch(ctx)
+    assert all(torch.isfinite(p).all() for p in ctx.model.parameters())
+    ok = _context(cfg, TinyConv(), _nan_loader(24, 4, {2}), None, cuda)
+    metrics, _ = train_epoch(ok)
+    assert ok.state.nonfinite_steps == 1 and math.isfinite(metrics["train/loss"])
