@@ -38,6 +38,12 @@ class DataConfig(_Frozen):
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     cache: Literal["none", "ram", "gpu", "auto"] = "auto"  # decode once + batched device augmentation; auto: by device and memory
     precrop_size: Optional[int] = Field(None, ge=1)  # cache: square side imagenet train crops come from; None: ceil(image_size*8/7)
+    # Batch mixing on the device (mltrack.data.mix), train only: a mixed batch pairs each image with its
+    # neighbour in the (shuffled) batch and trains on soft targets. Both alphas 0: off.
+    mixup_alpha: float = Field(0.0, ge=0.0)  # Beta(alpha, alpha) of the mixup weight; 0: no mixup
+    cutmix_alpha: float = Field(0.0, ge=0.0)  # Beta(alpha, alpha) of the cutmix kept area; 0: no cutmix
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)  # probability that a batch is mixed
+    mix_switch_prob: float = Field(0.5, ge=0.0, le=1.0)  # both alphas > 0: probability of cutmix instead of mixup
 
 
 class ModelConfig(_Frozen):
@@ -155,6 +161,16 @@ class RunConfig(_Frozen):
         if self.data.cache in ("ram", "gpu") and self.training.trainer_type == "dp":
             raise ValueError("data.cache ram/gpu cannot be used with trainer_type dp (Opacus draws Poisson-sampled "
                              "batches from a DataLoader); use data.cache: none or auto")
+        return self
+
+    @model_validator(mode="after")
+    def _mixing_with_trainer(self) -> "RunConfig":
+        # DP-SGD's guarantee is per example: each loss term, clipped alone, must depend on one example.
+        # A mixed image and its soft target carry two, so the accounted epsilon would not hold.
+        if (self.data.mixup_alpha > 0 or self.data.cutmix_alpha > 0) and self.training.trainer_type == "dp":
+            raise ValueError("data.mixup_alpha / data.cutmix_alpha cannot be used with trainer_type dp (a mixed "
+                             "sample depends on two examples, which breaks per-example privacy accounting); "
+                             "set both to 0")
         return self
 
 
