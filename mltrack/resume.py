@@ -161,7 +161,11 @@ def resume_config(point: ResumePoint, overrides: list[str] | tuple[str, ...], cl
     # against the checkpoint's own config.
     cfg = load_config(None, overrides, cli, base=point.state["config"])  # load_config copies its base
     before, after = flatten(point.state["config"]), flatten(cfg)
-    point.drift = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    # A key the checkpoint lacks is a setting added to mltrack after it was written: at its default it
+    # trains as that run did, so it is not drift (else every upgrade would block resuming older runs).
+    defaults = flatten(RunConfig())
+    point.drift = {k: (before.get(k), v) for k, v in after.items()
+                   if before.get(k) != v and not (k not in before and v == defaults.get(k))}
     for key, what in FIXED.items():
         if key in point.drift:
             old, new = point.drift[key]

@@ -354,13 +354,15 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
                                mode=cfg.training.monitor_mode)
     weights = class_weights(cfg, loaders.datasets["train"].targets, len(class_names)).to(trainer.device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.training.label_smoothing)
+    from mltrack.data.mix import build_mixer
+
     ctx = FitContext(cfg, trainer.compile(model), optimizer, schedule, trainer, loader_map, loss_fn, class_names,
-                     progress=_progress_factory(cfg))
+                     progress=_progress_factory(cfg), mixer=build_mixer(cfg.data, len(class_names)))
     return Built(ctx, loaders, trainer)
 
 
 def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainResult:
-    from mltrack.hooks import CheckpointHook, ConsoleHook, TensorBoardHook, TrackingHook
+    from mltrack.hooks import CheckpointHook, ConsoleHook, EpochIO, TensorBoardHook, TrackingHook
     from mltrack.resume import install_weights
 
     cfg, tracker, ctx, trainer = s.cfg, s.tracker, built.ctx, built.trainer

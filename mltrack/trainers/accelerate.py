@@ -171,5 +171,9 @@ class AccelerateTrainer(Trainer):
     def end(self) -> None:
         """Destroy the process group (if any) and forget Accelerate's process state, so a later trainer in
         this process starts clean."""
+        # Every process reaches this point before any tears the group down: a gloo peer destroyed while
+        # the other still finishes its last collective can hang or abort that one at exit.
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)

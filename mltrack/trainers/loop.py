@@ -149,6 +149,7 @@ class FitContext:
     last: Optional[EpochOutput] = None
     should_stop: bool = False  # set by a hook (early stopping)
     progress: Callable[..., Any] | None = None  # console.progress factory, None: no bars
+    mixer: Callable[..., Any] | None = None  # mltrack.data.mix.Mixer for train batches (mixup/cutmix); None: off
 
     @property
     def num_classes(self) -> int:
@@ -254,10 +255,12 @@ def _forward_backward(ctx: FitContext, sums: "_EpochSums", images: torch.Tensor,
     """Forward and backward of one micro-batch; adds to the epoch sums; returns its (detached) mean loss."""
     trainer, model = ctx.trainer, ctx.model
     images, targets = trainer.to_device(images, targets)
+    # Mixed inputs train on soft targets; the train confusion matrix keeps each image's own (hard) label.
+    inputs, loss_targets = ctx.mixer(images, targets) if ctx.mixer is not None else (images, targets)
     with trainer.accumulate(model, sync):
         with trainer.autocast():
-            logits = model(images)
-            loss = ctx.loss_fn(logits.float(), targets)
+            logits = model(inputs)
+            loss = ctx.loss_fn(logits.float(), loss_targets)
         trainer.backward(loss / trainer.accumulation)
     batch_loss = loss.detach().double() * targets.numel()
     sums.loss_sum += torch.nan_to_num(batch_loss, nan=0.0, posinf=0.0, neginf=0.0)

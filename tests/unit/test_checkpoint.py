@@ -222,3 +222,16 @@ def test_resume_config_records_drift_and_guards_positions_and_finished_runs() ->
     with pytest.raises(CheckpointError, match="FINISHED after 2 epochs; pass --num-epochs larger than 2"):
         resume_config(finished, [], {"num_epochs": 2}, False)
     assert resume_config(finished, [], {"num_epochs": 3}, False).training.num_epochs == 3
+
+
+def test_resume_of_a_checkpoint_older_than_a_config_key() -> None:
+    """A key added to mltrack after the checkpoint was written resumes at its default without drift; set to
+    something else it is drift like any change."""
+    from mltrack.resume import resume_config
+
+    point = _point()
+    del point.state["config"]["training"]["tf32"], point.state["config"]["data"]["mixup_alpha"]
+    cfg = resume_config(point, [], {}, allow_config_change=False)
+    assert point.drift == {} and cfg.training.tf32 is True and cfg.data.mixup_alpha == 0.0
+    with pytest.raises(CheckpointError, match=re.escape("data.mixup_alpha None -> 0.2")):
+        resume_config(point, ["data.mixup_alpha=0.2"], {}, allow_config_change=False)
