@@ -1,9 +1,12 @@
 """Side effects of an epoch: checkpoints, MLflow, TensorBoard, console. The loop knows none of them.
 
 Order matters and is fixed in ``run.py``: checkpoint (write + queue upload) -> MLflow metrics ->
-commit tag -> TensorBoard -> console. The tracker sends its queue in FIFO order, so the server
-never holds metrics for a step whose checkpoint is not uploaded (RELIABILITY rule 4), and a resume
-re-logs only steps that were not committed.
+commit tag -> TensorBoard -> console. The checkpoint, MLflow and TensorBoard work of an epoch runs as
+jobs on one :class:`EpochIO` worker thread, in that order, while the next epoch trains; what each job
+needs is captured on the training thread at the end of the epoch (the checkpoint as a CPU snapshot).
+The worker and the tracker's own sender are both FIFO, so the server never holds metrics for a step
+whose checkpoint upload was not queued before them (RELIABILITY rule 4), and a resume re-logs only
+steps that were not committed.
 """
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -28,6 +33,119 @@ log = get_logger()
 def _faults_on() -> bool:
     # Under fault injection the queue is flushed at each crash point so "after upload" means uploaded.
     return "MLTRACK_FAULT_AT" in os.environ
+
+
+def _sync_epoch_io() -> bool:
+    return os.environ.get("MLTRACK_SYNC_EPOCH_IO", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class EpochIO:
+    """One worker thread that runs the side effects of each epoch in submission order (FIFO).
+
+    ``submit(fn, *args)`` queues a job and returns at once; it first re-raises the error of a job that
+    failed since (a write error surfaces at the next epoch end, or at ``drain``). A failed job cancels
+    every job after it: they may depend on it (the metrics and commit tag of a step must never reach
+    the server when that step's checkpoint upload was not queued, RELIABILITY rule 4).
+
+    ``bounded=True`` marks a job that holds a full copy of the training state (a checkpoint): at most
+    one such job waits besides the one running, so a slow disk cannot pile up CPU copies of the state;
+    :meth:`wait_for_slot` blocks until another may be queued, and is meant to be called *before* the
+    copy is made (one producer: the training thread).
+
+    ``inline=True`` runs every job synchronously in ``submit`` (errors raise there, as before). It is
+    the default under fault injection (``MLTRACK_FAULT_AT``: crash points must fire at their exact
+    place in the epoch) and when env ``MLTRACK_SYNC_EPOCH_IO=1`` is set (debugging: a side effect's
+    error and time show up where the epoch ends).
+    """
+
+    MAX_WAITING_BOUNDED = 1
+
+    def __init__(self, inline: bool | None = None) -> None:
+        self.inline = (_faults_on() or _sync_epoch_io()) if inline is None else inline
+        self._executor: ThreadPoolExecutor | None = None
+        if not self.inline:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mltrack-epoch-io")
+        self._pending: list[Future[None]] = []
+        self._slots = threading.BoundedSemaphore(1 + self.MAX_WAITING_BOUNDED)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._reported = False  # the error was raised to the caller already
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any, bounded: bool = False) -> None:
+        """Queue ``fn(*args)`` after every job submitted before it (inline: run it now)."""
+        self._raise_error()
+        if self._closed:
+            raise RuntimeError("EpochIO is closed")
+        if self._executor is None:
+            fn(*args)
+            return
+        if bounded:
+            self._slots.acquire()
+        try:
+            self._raise_error()  # the job we waited behind may have failed meanwhile
+            future = self._executor.submit(self._run, fn, args, bounded)
+        except BaseException:
+            if bounded:
+                self._slots.release()
+            raise
+        self._pending = [f for f in self._pending if not f.done()] + [future]
+
+    def wait_for_slot(self) -> None:
+        """Block until a ``bounded`` job may be queued without waiting (then make the copy, then submit)."""
+        if self._executor is not None:
+            self._slots.acquire()
+            self._slots.release()
+
+    def drain(self) -> None:
+        """Wait for every queued job; re-raise the first error of a job (once)."""
+        pending, self._pending = self._pending, []
+        wait(pending)
+        self._raise_error()
+
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the queued jobs (they write checkpoints of finished epochs) and stop the worker.
+
+        An error of a job that was not raised yet raises here, unless ``quiet``: then it is logged, so
+        that an error already propagating (the reason the run is ending) is not masked by a second one.
+        """
+        if self._closed:
+            return
+        try:
+            self.drain()
+        except BaseException as err:  # noqa: BLE001 - a job's error, reported as asked
+            if not quiet:
+                raise
+            log.error("a background epoch job also failed (not raised, an earlier error ends the run): %s", err)
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    @property
+    def failed(self) -> bool:
+        """Whether a job failed (its error is raised by the next submit/drain, or was raised already)."""
+        return self._error is not None
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], bounded: bool) -> None:
+        try:
+            if self._error is None:  # after a failure the rest is dropped (see the class docstring)
+                fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, never lost
+            with self._lock:
+                if self._error is None:
+                    self._error = err
+        finally:
+            if bounded:
+                self._slots.release()
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            err = self._error if not self._reported else None
+            if err is not None:
+                self._reported = True
+        if err is not None:
+            raise err
 
 
 class Hook:
@@ -68,12 +186,18 @@ class CheckpointHook(Hook):
     whose best epoch's ``best.pt`` is not there yet. Each file's manifest goes first and lists the new
     digest *and* the one the store holds, so a process killed between the two uploads leaves a pair that
     still verifies (the same protocol as ``checkpoint.save``, across the network).
+
+    At the end of an epoch only a CPU snapshot of the state is taken on the training thread; rotation,
+    write, ``best.pt`` link and upload queueing run as one job on ``io`` while the next epoch trains.
+    ``rotated``, ``last_digest`` and ``stored`` belong to that job (one worker, FIFO): the training
+    thread reads them only after ``io.drain()``.
     """
 
-    def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any]) -> None:
+    def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any], io: EpochIO | None = None) -> None:
         self.weights_dir = weights_dir
         self.tracker = tracker
         self.meta = meta  # split_digest, dataset fingerprint, mlflow_run_id
+        self.io = io if io is not None else EpochIO(inline=True)
         self.rotated = False  # whether the last write kept the previous last.pt as prev.pt
         self.last_digest: str | None = None  # sha256 of the last.pt this process wrote (None: verify it)
         self.stored: dict[str, str] = {}  # file name -> digest the artifact store holds (or is about to)
@@ -92,24 +216,33 @@ class CheckpointHook(Hook):
         if not ctx.trainer.is_main_process:
             return
         improved = ctx.last is not None and ctx.last.improved
-        self._write(ctx, improved)
-        fault("after_ckpt_write", ctx.state.epoch - 1)
-        self._upload(improved)
+        self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
+        state = checkpoint.snapshot(checkpoint_state(ctx, self.meta))
+        self.io.submit(self._epoch_job, state, improved, ctx.state.epoch - 1, bounded=True)
+
+    def _epoch_job(self, state: dict[str, Any], improved: bool, epoch: int) -> None:
+        with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
+            self._write(state, improved)
+        fault("after_ckpt_write", epoch)
+        with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
+            self._upload(improved)
         if _faults_on():
             self.tracker.flush()
-        fault("after_ckpt_upload", ctx.state.epoch - 1)
+        fault("after_ckpt_upload", epoch)
 
     def on_interrupt(self, ctx: FitContext) -> None:
-        """A stop inside an epoch: write (and queue) a step-granular ``last.pt``. Between epochs the
-        epoch's own checkpoint is already the latest state, so nothing is written."""
+        """A stop inside an epoch: write (and queue) a step-granular ``last.pt``, synchronously, after the
+        queued epoch jobs. Between epochs the epoch's own checkpoint is already the latest state, so
+        nothing is written."""
+        self.io.drain()  # the previous epoch's write must not race this one (rotation reads last.pt)
         if ctx.trainer.is_main_process and ctx.state.batch > 0:
-            self._write(ctx, improved=False)
-            self._upload(improved=False)
-            log.info("checkpoint saved at epoch %d, batch %d (global step %d)", ctx.state.epoch, ctx.state.batch,
-                     ctx.state.global_step)
+            where = f"epoch {ctx.state.epoch}, batch {ctx.state.batch}"
+            with _checkpoint_errors(where, self.weights_dir):
+                self._write(checkpoint_state(ctx, self.meta), improved=False)
+                self._upload(improved=False)
+            log.info("checkpoint saved at %s (global step %d)", where, ctx.state.global_step)
 
-    def _write(self, ctx: FitContext, improved: bool) -> None:
-        state = checkpoint_state(ctx, self.meta)
+    def _write(self, state: dict[str, Any], improved: bool) -> None:
         last = self.weights_dir / "last.pt"
         self.rotated = False
         if last.is_file():
@@ -145,16 +278,32 @@ class CheckpointHook(Hook):
         return path
 
 
+@contextmanager
+def _checkpoint_errors(where: str, weights_dir: Path) -> Iterator[None]:
+    """Any failure to write or queue a checkpoint (disk full, permissions, a vanished folder) as one
+    CheckpointError naming the epoch and the folder: the CLI prints it without a traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OSError, or torch.save's RuntimeError around one
+        raise CheckpointError(f"cannot write the checkpoint of {where} in {weights_dir} (check its free space "
+                              f"and permissions): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}") from err
+
+
 class TrackingHook(Hook):
     """Per-epoch metrics (step = epoch), stepped confusion-matrix images and the commit tag.
 
     A metric step already in the run (logged by an attempt that crashed after logging it, or by the run
     a ``--fallback-previous`` resume went back from) is never logged again: one value per (key, step).
+    An epoch's logging is a job on ``io``, queued after that epoch's checkpoint job.
     """
 
-    def __init__(self, tracker: Any, confusion_every_epoch: bool) -> None:
+    def __init__(self, tracker: Any, confusion_every_epoch: bool, io: EpochIO | None = None) -> None:
         self.tracker = tracker
         self.confusion_every_epoch = confusion_every_epoch
+        self.io = io if io is not None else EpochIO(inline=True)
         self.logged: set[int] = set()
 
     def on_fit_start(self, ctx: FitContext) -> None:
@@ -172,20 +321,24 @@ class TrackingHook(Hook):
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process or ctx.last is None:
             return
-        step = ctx.state.epoch - 1
+        val_cm = ctx.last.val_cm.clone() if self.confusion_every_epoch else None
+        self.io.submit(self._epoch_job, ctx.state.epoch - 1, dict(ctx.last.metrics), val_cm, list(ctx.class_names))
+
+    def _epoch_job(self, step: int, metrics: dict[str, float], val_cm: torch.Tensor | None,
+                   class_names: list[str]) -> None:
         if step in self.logged:
             log.info("metrics of epoch %d are already in the run (an earlier attempt logged them); "
                      "not logging them twice", step)
         else:
-            self.tracker.log_metrics(ctx.last.metrics, step=step)
+            self.tracker.log_metrics(metrics, step=step)
             self.logged.add(step)
         if _faults_on():
             self.tracker.flush()
         fault("after_metrics_log", step)
-        if self.confusion_every_epoch:
+        if val_cm is not None:
             from mltrack.metrics import confusion_matrix_figure
 
-            fig = confusion_matrix_figure(ctx.last.val_cm, ctx.class_names, f"val, epoch {step}")
+            fig = confusion_matrix_figure(val_cm, class_names, f"val, epoch {step}")
             self.tracker.log_figure(fig, f"plots/epochs/confusion_matrix_val_{step:04d}.png")
         self.tracker.set_tags({"mltrack.committed_step": str(step)})
         if _faults_on():
@@ -194,10 +347,13 @@ class TrackingHook(Hook):
 
 
 class TensorBoardHook(Hook):
-    """Scalars and confusion matrices under ``<run_dir>/tensorboard`` for ``tensorboard --logdir runs/``."""
+    """Scalars and confusion matrices under ``<run_dir>/tensorboard`` for ``tensorboard --logdir runs/``.
 
-    def __init__(self, log_dir: Path) -> None:
+    Each epoch's writing (the figure rendering included) and the final close are jobs on ``io``."""
+
+    def __init__(self, log_dir: Path, io: EpochIO | None = None) -> None:
         self.log_dir = log_dir
+        self.io = io if io is not None else EpochIO(inline=True)
         self.writer: Any = None
 
     def on_fit_start(self, ctx: FitContext) -> None:
@@ -209,18 +365,21 @@ class TensorBoardHook(Hook):
     def on_epoch_end(self, ctx: FitContext) -> None:
         if self.writer is None or ctx.last is None:
             return
-        step = ctx.state.epoch - 1
-        for key, value in ctx.last.metrics.items():
+        self.io.submit(self._epoch_job, ctx.state.epoch - 1, dict(ctx.last.metrics), ctx.last.val_cm.clone(),
+                       list(ctx.class_names))
+
+    def _epoch_job(self, step: int, metrics: dict[str, float], val_cm: torch.Tensor, class_names: list[str]) -> None:
+        for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
         from mltrack.metrics import confusion_matrix_figure
 
-        self.writer.add_figure("confusion_matrix/val", confusion_matrix_figure(
-            ctx.last.val_cm, ctx.class_names, f"val, epoch {step}"), step)
+        self.writer.add_figure("confusion_matrix/val", confusion_matrix_figure(val_cm, class_names,
+                                                                               f"val, epoch {step}"), step)
         self.writer.flush()
 
     def on_fit_end(self, ctx: FitContext) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self.io.submit(self.writer.close)  # after this hook's queued epochs
 
 
 class ConsoleHook(Hook):

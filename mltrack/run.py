@@ -377,17 +377,28 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
     if trainer.is_main_process:
         log.info("Starting Training (epochs %d..%d)", ctx.state.epoch, cfg.training.num_epochs - 1)
     meta = {"split_digest": s.split_digest, "dataset_fingerprint": s.split_digest, "mlflow_run_id": tracker.run_id}
-    ckpt_hook = CheckpointHook(s.run_dir / "weights", tracker, meta)
-    hooks = [ckpt_hook, TrackingHook(tracker, cfg.tracking.confusion_every_epoch)]
+    # One worker for the checkpoint write, metrics and TensorBoard of each epoch, in that order, while the
+    # next epoch trains (the hooks' order is the order of the jobs).
+    io = EpochIO()
+    ckpt_hook = CheckpointHook(s.run_dir / "weights", tracker, meta, io)
+    hooks = [ckpt_hook, TrackingHook(tracker, cfg.tracking.confusion_every_epoch, io)]
     if cfg.tracking.tensorboard:
-        hooks.append(TensorBoardHook(s.run_dir / "tensorboard"))
+        hooks.append(TensorBoardHook(s.run_dir / "tensorboard", io))
     hooks.append(ConsoleHook())
     if epoch_callback is not None:
         hooks.append(_CallbackHook(epoch_callback))
     try:
-        fit(ctx, hooks)
-    except Interrupted:
-        ckpt_hook.on_interrupt(ctx)  # inside an epoch: a step-granular last.pt, uploaded before KILLED
+        try:
+            fit(ctx, hooks)
+        except Interrupted:
+            io.drain()  # the finished epochs' checkpoints and metrics are queued before the stop's own
+            ckpt_hook.on_interrupt(ctx)  # inside an epoch: a step-granular last.pt, uploaded before KILLED
+            raise
+        io.close()  # a write error of the last epochs fails the run here; best.pt is complete after it
+    except BaseException:
+        # The queued jobs are checkpoints of finished epochs: let them end; an error of theirs is logged,
+        # not raised, so the error that ends the run is the first one.
+        io.close(quiet=True)
         raise
     trainer.wait_for_everyone()  # best.pt is complete before every process loads it for the test evaluation
     from mltrack.report import finalize

@@ -1,0 +1,362 @@
+"""Issue 9, epoch side effects off the training thread: ``EpochIO`` (FIFO, errors, bound, inline modes),
+``checkpoint.snapshot`` (a copy later training cannot change), and a real training run whose checkpoint,
+metrics and commit tag of each epoch leave the training thread in the order RELIABILITY rule 4 needs."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from mltrack import checkpoint
+from mltrack.config import load_config
+from mltrack.errors import CheckpointError
+from mltrack.hooks import CheckpointHook, EpochIO, TrackingHook
+from mltrack.trainers.loop import EpochOutput, FitContext
+
+IO_THREAD = "mltrack-epoch-io"
+
+
+@pytest.fixture
+def io() -> Any:
+    epoch_io = EpochIO(inline=False)
+    yield epoch_io
+    epoch_io.close(quiet=True)
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------- EpochIO
+
+
+def test_jobs_run_in_submission_order_on_one_worker_thread(io: EpochIO) -> None:
+    done: list[tuple[int, str]] = []
+
+    def job(i: int) -> None:
+        time.sleep(0.01 * (i % 3))  # uneven durations: order must still be FIFO
+        done.append((i, threading.current_thread().name))
+
+    for i in range(8):
+        io.submit(job, i)
+    io.drain()
+    assert [i for i, _ in done] == list(range(8))
+    names = {name for _, name in done}
+    assert len(names) == 1 and names.pop().startswith(IO_THREAD)
+
+
+def test_submit_returns_before_a_slow_job_ends(io: EpochIO) -> None:
+    gate = threading.Event()
+    start = time.monotonic()
+    io.submit(gate.wait, 10)
+    assert time.monotonic() - start < 1.0
+    gate.set()
+    io.drain()
+
+
+def test_failed_job_raises_at_next_submit_and_cancels_later_jobs(io: EpochIO) -> None:
+    ran: list[str] = []
+    gate = threading.Event()
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    io.submit(gate.wait, 10)
+    io.submit(fail)
+    io.submit(ran.append, "metrics of the failed checkpoint's step")  # must never run (rule 4)
+    gate.set()
+    _wait_until(lambda: io.failed)
+    with pytest.raises(OSError, match="No space left"):
+        io.submit(ran.append, "next epoch")
+    io.drain()  # the error was raised once; the queue is empty now
+    assert ran == []
+
+
+def test_failed_job_raises_at_drain(io: EpochIO) -> None:
+    io.submit(lambda: None)
+    io.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        io.drain()
+
+
+def test_close_raises_a_pending_error_unless_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    loud = EpochIO(inline=False)
+    loud.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        loud.close()
+
+    quiet = EpochIO(inline=False)
+    ran: list[int] = []
+    quiet.submit(ran.append, 1)  # queued before the failure: a finished epoch's job still runs
+    quiet.submit(lambda: 1 / 0)
+    with caplog.at_level(logging.ERROR, logger="mltrack"):
+        quiet.close(quiet=True)
+    assert ran == [1]
+    assert "background epoch job also failed" in caplog.text and "division by zero" in caplog.text
+    with pytest.raises(RuntimeError, match="closed"):
+        quiet.submit(ran.append, 2)
+
+
+def test_at_most_one_bounded_job_waits_besides_the_running_one(io: EpochIO) -> None:
+    gate = threading.Event()
+    io.submit(gate.wait, 10, bounded=True)  # running
+    io.submit(lambda: None, bounded=True)  # waiting
+    io.submit(lambda: None)  # unbounded jobs never block
+    third_queued = threading.Event()
+    slot_free = threading.Event()
+
+    def producer() -> None:
+        io.wait_for_slot()
+        slot_free.set()
+        io.submit(lambda: None, bounded=True)
+        third_queued.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    time.sleep(0.3)
+    assert not slot_free.is_set() and not third_queued.is_set()
+    gate.set()
+    thread.join(5)
+    assert third_queued.is_set()
+    io.drain()
+
+
+def test_inline_modes_run_jobs_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MLTRACK_FAULT_AT", "MLTRACK_SYNC_EPOCH_IO"):
+        monkeypatch.delenv(var, raising=False)
+    assert not EpochIO().inline
+    monkeypatch.setenv("MLTRACK_SYNC_EPOCH_IO", "1")
+    assert EpochIO().inline
+    monkeypatch.delenv("MLTRACK_SYNC_EPOCH_IO")
+    monkeypatch.setenv("MLTRACK_FAULT_AT", "after_commit")  # crash points must fire where they are
+    inline = EpochIO()
+    assert inline.inline
+    names: list[str] = []
+    inline.submit(lambda: names.append(threading.current_thread().name))
+    assert names == [threading.current_thread().name]
+    with pytest.raises(ZeroDivisionError):  # raised by submit itself
+        inline.submit(lambda: 1 / 0)
+    inline.close()
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+def _trained_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.rand(5, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    model(torch.rand(5, 4)).sum().backward()
+    optimizer.step()
+
+
+def test_snapshot_is_independent_of_later_in_place_training() -> None:
+    model, optimizer = _trained_model()
+    history = [{"epoch": 0.0, "train/loss": 1.0}]
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": {"history": history},
+             "pair": (torch.ones(2), 3), "meta": None}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    snap = checkpoint.snapshot(state)
+
+    _step(model, optimizer)  # in-place updates of weights and optimizer moments
+    history.append({"epoch": 1.0, "train/loss": 0.5})
+    state["pair"][0].add_(1)
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])  # training did move
+
+    assert all(torch.equal(snap["model"][k], v) for k, v in before.items())
+    assert all(torch.equal(torch.as_tensor(snap["optimizer"]["state"][0][k]), torch.as_tensor(v))
+               for k, v in moments.items())
+    assert snap["progress"]["history"] == [{"epoch": 0.0, "train/loss": 1.0}]
+    assert torch.equal(snap["pair"][0], torch.ones(2)) and snap["pair"][1] == 3 and snap["meta"] is None
+    # a state_dict stays an OrderedDict with its version metadata, so load_state_dict reads it as before
+    assert isinstance(snap["model"], OrderedDict)
+    assert snap["model"]._metadata == state["model"]._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(snap["model"])
+    assert torch.equal(model.state_dict()["0.weight"], before["0.weight"])
+
+
+def test_snapshot_keeps_tied_tensors_shared() -> None:
+    shared = torch.rand(3)
+    snap = checkpoint.snapshot({"a": shared, "b": [shared]})
+    assert snap["a"] is snap["b"][0] and snap["a"] is not shared
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_snapshot_of_cuda_tensors_is_pinned_cpu_and_complete() -> None:
+    model = torch.nn.Linear(256, 256).cuda()
+    before = {k: v.cpu() for k, v in model.state_dict().items()}
+    snap = checkpoint.snapshot(model.state_dict())
+    with torch.no_grad():
+        model.weight.mul_(0)
+    for key, value in snap.items():
+        assert value.device.type == "cpu" and value.is_pinned()
+        assert torch.equal(value, before[key])
+
+
+# ---------------------------------------------------------------- CheckpointHook on the worker
+
+
+Events = list[tuple[str, Any, str]]
+
+
+def _record_tracker_calls(monkeypatch: pytest.MonkeyPatch) -> Events:
+    """Record what ``Tracker`` is asked to queue, in order and from which thread; the real calls still run.
+    ``last.pt`` uploads are named by the epoch of the file being queued (read from it)."""
+    from mltrack.tracking import Tracker
+
+    events: Events = []
+
+    def artifact(path: Path, artifact_path: str | None = None) -> Any:
+        path = Path(path)
+        if path.name == "last.pt":
+            return ("last.pt", torch.load(path, weights_only=True)["progress"]["epoch"] - 1)
+        return (path.name, None)
+
+    describe = {"log_artifact": artifact, "log_metrics": lambda metrics, step: step,
+                "set_tags": lambda tags: tags.get("mltrack.committed_step")}
+    for name, how in describe.items():
+        def wrapper(self: Tracker, *args: Any, _name: str = name, _how: Any = how,
+                    _original: Any = getattr(Tracker, name), **kwargs: Any) -> Any:
+            if _name != "set_tags" or "mltrack.committed_step" in args[0]:  # not the heartbeat
+                events.append((_name, _how(*args, **kwargs), threading.current_thread().name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Tracker, name, wrapper)
+    return events
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd = tmp, MLflow in a sqlite store there, nothing inherited from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLTRACK_FAULT_AT",
+                "MLTRACK_SYNC_EPOCH_IO"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def tracker(store: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from mltrack.tracking import Tracker
+
+    events = _record_tracker_calls(monkeypatch)
+    run = Tracker.start("epoch_io", "hooks", {}, spool_dir=store / "spool")
+    run.events = events
+    yield run
+    run.finish("FINISHED", timeout=30)
+
+
+def _ctx(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> FitContext:
+    from mltrack.optim import build_scheduler
+    from mltrack.trainers import build_trainer
+
+    cfg = load_config(None, ["training.device=cpu", "tracking.progress='off'", "training.num_epochs=3"])
+    schedule = build_scheduler(cfg.scheduler, optimizer, 3, 1, cfg.optimizer.lr, mode=cfg.training.monitor_mode)
+    ctx = FitContext(cfg, model, optimizer, schedule, build_trainer(cfg.training, torch.device("cpu")),
+                     {"train": None, "val": None, "test": None}, torch.nn.CrossEntropyLoss(), ["a", "b"])
+    ctx.state.epoch = 1
+    ctx.last = EpochOutput({"train/loss": 1.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=True)
+    return ctx
+
+
+def test_written_checkpoint_holds_the_state_at_epoch_end_not_later_training(io: EpochIO, tmp_path: Path,
+                                                                             tracker: Any) -> None:
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    hooks = [CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io),
+             TrackingHook(tracker, confusion_every_epoch=False, io=io)]
+    gate = threading.Event()
+    io.submit(gate.wait, 10)  # a slow disk: the epoch's jobs wait while training goes on
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for hook in hooks:
+        hook.on_epoch_end(ctx)
+    _step(model, optimizer)  # the next epoch trains in place before anything is written
+    ctx.state.history.append({"epoch": 1.0})
+    assert not (tmp_path / "weights" / "last.pt").exists()
+    gate.set()
+    io.drain()
+
+    saved = checkpoint.load(tmp_path / "weights" / "last.pt")
+    assert all(torch.equal(saved["model"][k], v) for k, v in before.items())
+    assert saved["progress"]["epoch"] == 1 and saved["progress"]["history"] == []
+    checkpoint.verify(tmp_path / "weights" / "best.pt")
+    # best.pt (+ manifest), then last.pt (+ manifest), then the step's metrics, then its commit tag
+    assert [e[:2] for e in tracker.events] == [
+        ("log_artifact", ("best.pt.sha256", None)), ("log_artifact", ("best.pt", None)),
+        ("log_artifact", ("last.pt.sha256", None)), ("log_artifact", ("last.pt", 0)),
+        ("log_metrics", 0), ("set_tags", "0")]
+    assert all(e[2].startswith(IO_THREAD) for e in tracker.events)
+
+
+def test_write_error_in_the_worker_is_one_checkpoint_error(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the weights folder's parent should be")
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    hooks = [CheckpointHook(blocker / "weights", tracker, {}, io), TrackingHook(tracker, False, io)]
+    # raised by the next submit (the tracking hook's, if the write failed already) or by drain
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of epoch 0 in .*weights \(check its "
+                                              r"free space and permissions\): NotADirectoryError"):
+        for hook in hooks:
+            hook.on_epoch_end(ctx)
+        io.drain()
+    assert tracker.events == []  # neither the upload nor the metrics/commit of that step went out
+
+
+# ---------------------------------------------------------------- a real run, async
+
+
+def test_real_training_queues_each_checkpoint_before_its_metrics_and_commit(
+        tiny_dataset: Callable[..., Path], store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from mltrack.run import train
+
+    events = _record_tracker_calls(monkeypatch)
+    data_dir = tiny_dataset(n_classes=3, per_class=10, size=16, folds=2)
+    cfg = load_config(None, ["training.device=cpu", "tracking.progress='off'", f"data.data_dir={data_dir}",
+                             "data.dataset_name=tiny", "data.image_size=16", "data.num_workers=0",
+                             "training.num_epochs=3", "training.batch_size=8", "tracking.tensorboard=true",
+                             "tracking.confusion_every_epoch=true"])
+    result = train(cfg)
+
+    for step in range(3):
+        upload = next(i for i, e in enumerate(events) if e[:2] == ("log_artifact", ("last.pt", step)))
+        metrics = next(i for i, e in enumerate(events) if e[:2] == ("log_metrics", step))
+        commit = next(i for i, e in enumerate(events) if e[:2] == ("set_tags", str(step)))
+        assert upload < metrics < commit, (step, events)
+        assert all(events[i][2].startswith(IO_THREAD) for i in (upload, metrics, commit))  # off the training thread
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mltrack.committed_step"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss")) == [0, 1, 2]
+    weights = result.run_dir / "weights"
+    for name in ("last.pt", "best.pt"):
+        checkpoint.verify(weights / name)
+        remote = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=f"weights/{name}",
+                                                          dst_path=str(store / "dl")))
+        assert checkpoint.sha256_file(remote) == checkpoint.sha256_file(weights / name)
+    assert checkpoint.load(weights / "last.pt")["progress"]["epoch"] == 3
+    epochs = {Path(f.path).name for f in client.list_artifacts(result.run_id, "plots/epochs")}
+    assert len(epochs) == 3  # the confusion figures were rendered on the worker too
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
