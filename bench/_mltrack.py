@@ -100,26 +100,33 @@ class Tracking:
                 os.chdir(previous)
 
     def hooks(self, ctx: Any) -> list[Any]:
-        from mltrack.hooks import CheckpointHook, TrackingHook
+        """The hooks with one EpochIO worker, as ``run.py`` wires them: the checkpoint write, its upload and
+        the metrics run behind the training thread; a worker slower than the epochs blocks the next
+        checkpoint copy, so it shows in the timed epochs."""
+        from mltrack.hooks import CheckpointHook, EpochIO, TrackingHook
 
+        self.io = EpochIO()
         run_id = self.tracker.run_id if self.tracker is not None else "none"
         meta = {"split_digest": "bench", "dataset_fingerprint": "bench", "mlflow_run_id": run_id}
-        hooks: list[Any] = [CheckpointHook(self.workdir / "weights", self.tracker, meta)]
+        hooks: list[Any] = [CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)]
         if self.tracker is not None:
-            hooks.append(TrackingHook(self.tracker, confusion_every_epoch=False))
+            hooks.append(TrackingHook(self.tracker, confusion_every_epoch=False, io=self.io))
         for hook in hooks:
             hook.on_fit_start(ctx)
         return hooks
 
     def finish(self) -> dict[str, float]:
-        """Wait for the queue (uploads still running after the timed epochs) and close the run."""
-        if self.tracker is None:
-            return {}
+        """Wait for the epoch worker and the tracker's queue (still running after the timed epochs); close the run."""
         t0 = time.perf_counter()
-        self.tracker.flush()
-        drain = time.perf_counter() - t0
-        self.tracker.finish("FINISHED")
-        return {"queue_drain_s": round(drain, 3)}
+        self.io.drain()
+        self.io.close()
+        out = {"io_drain_s": round(time.perf_counter() - t0, 3)}
+        if self.tracker is not None:
+            t0 = time.perf_counter()
+            self.tracker.flush()
+            out["queue_drain_s"] = round(time.perf_counter() - t0, 3)
+            self.tracker.finish("FINISHED")
+        return out
 
 
 def tutorial_epochs(model: nn.Module, train_loader: Any, val_loader: Any, device: torch.device,

@@ -79,7 +79,8 @@ def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
             print(f"  {row['name']:28s} {row['model']:10s} {_status(row)}")
             continue
         e = _epoch(row)
-        extra = f"  queue drain after {row['queue_drain_s']} s" if "queue_drain_s" in row else ""
+        extra = "".join(f"  {label} {row[key]} s" for key, label in (("io_drain_s", "epoch IO drain after"),
+                                                                         ("queue_drain_s", "upload queue drain after")) if key in row)
         rel = f"  {_ratio(e, base)} the first's time" if base and e and row is not rows[0] else ""
         print(f"  {row['name']:28s} {row['model']:10s} {row['img_per_s']:9,.0f} img/s  epoch {e:.3f} s{rel}{extra}")
 

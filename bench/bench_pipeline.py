@@ -128,7 +128,7 @@ def _fmt(row: dict[str, Any]) -> str:
     parts = [f"{row['img_per_s']:,.0f} img/s"] if "img_per_s" in row else []
     if "epoch_s" in row:
         parts.append(f"epoch {sum(row['epoch_s']) / len(row['epoch_s']):.3f}s x{len(row['epoch_s'])}")
-    parts += [f"{k}={row[k]}" for k in ("warmup_s", "build_s", "queue_drain_s") if k in row]
+    parts += [f"{k}={row[k]}" for k in ("warmup_s", "build_s", "io_drain_s", "queue_drain_s") if k in row]
     return ", ".join(parts)
 
 
