@@ -5,7 +5,7 @@
 2. hymenoptera-size epoch (train + val): tutorial loop vs mltrack cached, untracked and tracked.
 3. tracking on vs off at full size (resnet18/tiny model, cached, train + val per epoch).
 4. compiled: ceiling, mltrack gpu and ram, for --compile-models.
-5. decode every epoch with nvJPEG (data larger than RAM).
+5. decode every epoch with nvJPEG (data larger than RAM): mltrack's decode_gpu loader next to the bench-only feed.
 """
 from __future__ import annotations
 
@@ -254,6 +254,13 @@ class Plan:
                        unavailable=self.gpu_only, need_s=self.need + 10)
         if feed.value is not None:
             self.R.measure("loader_only", "nvjpeg_every_epoch", "-", lambda: self._loader_only(feed.value), need_s=6)
+        feed.value = None  # its file bytes: mltrack's loader below reads files per batch instead
+        decode = Lazy(lambda: self._build("decode_gpu"))  # data.cache: decode_gpu, what auto picks when nothing fits
+        self.R.measure("throughput", "mltrack_decode_gpu", name, lambda: self._mltrack(decode, self.models[name]),
+                       unavailable=self.gpu_only, need_s=self.need + 10)
+        if decode.value is not None:
+            self.R.measure("loader_only", "mltrack_decode_gpu", "-", lambda: self._loader_only(decode.value.train),
+                           need_s=6)
 
     def close(self) -> None:
         for lazy in self.cached.values():

@@ -36,7 +36,7 @@ class DataConfig(_Frozen):
     num_workers: Optional[int] = Field(None, ge=0)  # None: sized to the CPU cores
     max_image_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb limit, read from headers
     sampler: Literal["shuffle", "balanced"] = "shuffle"
-    cache: Literal["none", "ram", "gpu", "auto"] = "auto"  # decode once + batched device augmentation; auto: by device and memory
+    cache: Literal["none", "ram", "gpu", "decode_gpu", "auto"] = "auto"  # decode once (ram/gpu) or each epoch by nvJPEG (decode_gpu); auto: by device, memory
     precrop_size: Optional[int] = Field(None, ge=1)  # cache: square side imagenet train crops come from; None: ceil(image_size*8/7)
     # Batch mixing on the device (mltrack.data.mix), train only: a mixed batch pairs each image with its
     # neighbour in the (shuffled) batch and trains on soft targets. Both alphas 0: off.
@@ -158,9 +158,9 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _cache_with_trainer(self) -> "RunConfig":
-        if self.data.cache in ("ram", "gpu") and self.training.trainer_type == "dp":
-            raise ValueError("data.cache ram/gpu cannot be used with trainer_type dp (Opacus draws Poisson-sampled "
-                             "batches from a DataLoader); use data.cache: none or auto")
+        if self.data.cache in ("ram", "gpu", "decode_gpu") and self.training.trainer_type == "dp":
+            raise ValueError("data.cache ram/gpu cannot be used with trainer_type dp, nor can decode_gpu (Opacus draws "
+                             "Poisson-sampled batches from a DataLoader); use data.cache: none or auto")
         return self
 
     @model_validator(mode="after")

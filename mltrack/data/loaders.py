@@ -55,14 +55,14 @@ PREFETCH_BATCHES = 2  # whole batches in flight per worker, as DataLoader's defa
 class Loaders:
     """The loaders of the requested splits (None for splits not requested) and what describes them."""
 
-    train: DataLoader | Any | None  # Any: a DeviceLoader (CUDA) or a mltrack.data.cache.CachedLoader
+    train: DataLoader | Any | None  # Any: a DeviceLoader (CUDA), a cache.CachedLoader or a gpu_decode.DecodeLoader
     val: DataLoader | Any | None
     test: DataLoader | Any | None
     class_names: list[str]
     sizes: dict[str, int]  # split -> number of samples, for the requested splits
     generator: torch.Generator  # train shuffle/sampler/worker-seed generator; checkpoint its get_state()
     datasets: dict[str, ImageListDataset] = field(default_factory=dict)
-    cache: str = "none"  # data path in use: none (DataLoader), ram or gpu (mltrack.data.cache)
+    cache: str = "none"  # data path in use: none (DataLoader), ram or gpu (mltrack.data.cache), decode_gpu
     cache_reason: str = ""  # why (the data.cache setting, or what auto decided from)
 
 
@@ -113,11 +113,13 @@ def build_loaders(
     split, or bad paths.
 
     ``data_cfg.cache`` may replace the loaders by :class:`mltrack.data.cache.CachedLoader` s (decoded
-    once, augmented on ``device``, default ``device_type``'s current device); ``trainer_type`` lets
-    ``auto`` rule out trainers the cache cannot serve (unknown: no cache), ``channels_last`` sets the
-    layout of cached batches. The same generator drives the cached train loader. Without a cache, on a
-    CUDA device, the loaders are :class:`DeviceLoader` s when :func:`finishes_on_device` says so
-    (module docstring); their batches arrive on ``device``, channels_last when asked.
+    once, augmented on ``device``, default ``device_type``'s current device) or, for ``decode_gpu``, by
+    :class:`mltrack.data.gpu_decode.DecodeLoader` s (decoded every epoch with nvJPEG, augmented the same
+    way); ``trainer_type`` lets ``auto`` rule out trainers they cannot serve (unknown: no cache),
+    ``channels_last`` sets the layout of their batches. The same generator drives their train loader.
+    Without a cache, on a CUDA device, the loaders are :class:`DeviceLoader` s when
+    :func:`finishes_on_device` says so (module docstring); their batches arrive on ``device``,
+    channels_last when asked.
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -260,16 +262,22 @@ def _cache_mode(data_cfg: DataConfig, sizes: dict[str, int], device: torch.devic
 def _cached_loaders(data_cfg: DataConfig, mode: str, datasets: dict[str, ImageListDataset], batch_size: int,
                     gens: dict[str, torch.Generator], workers: int, device: torch.device,
                     channels_last: bool) -> dict[str, Any]:
-    """Cached loaders (ram or gpu) for ``datasets``' splits, driven by the same generators as DataLoaders."""
+    """Cached (ram, gpu) or decoding (decode_gpu) loaders for ``datasets``' splits, driven by the same
+    generators as DataLoaders; decode_gpu reads files in ``workers`` threads."""
     from mltrack.data import cache
 
     weights = _inverse_frequency_weights(datasets["train"].targets) if (
         data_cfg.sampler == "balanced" and "train" in datasets) else None
-    return cache.build_cached_loaders(
-        Path(data_cfg.data_dir) / "raw", {s: d.samples for s, d in datasets.items()}, mode=mode,
+    raw, items = Path(data_cfg.data_dir) / "raw", {s: d.samples for s, d in datasets.items()}
+    common: dict[str, Any] = dict(
         recipe=data_cfg.transforms, image_size=data_cfg.image_size, precrop_size=data_cfg.precrop_size,
-        max_pixels=data_cfg.max_image_pixels, workers=workers, batch_size=batch_size, device=device,
-        generators=gens, balanced_weights=weights, channels_last=channels_last, datasets=datasets)
+        max_pixels=data_cfg.max_image_pixels, batch_size=batch_size, device=device, generators=gens,
+        balanced_weights=weights, channels_last=channels_last, datasets=datasets)
+    if mode == "decode_gpu":
+        from mltrack.data import gpu_decode
+
+        return gpu_decode.build_decode_loaders(raw, items, threads=workers, **common)
+    return cache.build_cached_loaders(raw, items, mode=mode, workers=workers, **common)
 
 
 def _make_loader(
