@@ -106,7 +106,7 @@ class Plan:
     def _steps(self, loader: Any, model: torch.nn.Module, amp: bool, compiled: Optional[torch.nn.Module] = None,
                **timed: Any) -> dict[str, Any]:
         place(model, self.device, channels_last=amp)
-        step = make_step(compiled or model, self.device, amp=amp, channels_last=amp)
+        step = make_step(compiled if compiled is not None else model, self.device, amp=amp, channels_last=amp)
         return time_epochs(lambda: steps_epoch(loader, step), self.device, **{**self.timed, **timed})
 
     def _mltrack(self, lazy: Lazy, model: torch.nn.Module, compiled: Optional[torch.nn.Module] = None) -> dict[str, Any]:

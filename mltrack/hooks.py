@@ -91,6 +91,15 @@ class EpochIO:
             raise
         self._pending = [f for f in self._pending if not f.done()] + [future]
 
+    def slot_free(self) -> bool:
+        """Whether a ``bounded`` job could be queued now without waiting (always, inline)."""
+        if self._executor is None:
+            return True
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._slots.release()
+        return True
+
     def wait_for_slot(self) -> None:
         """Block until a ``bounded`` job may be queued without waiting (then make the copy, then submit)."""
         if self._executor is not None:
@@ -191,6 +200,13 @@ class CheckpointHook(Hook):
     write, ``best.pt`` link and upload queueing run as one job on ``io`` while the next epoch trains.
     ``rotated``, ``last_digest`` and ``stored`` belong to that job (one worker, FIFO): the training
     thread reads them only after ``io.drain()``.
+
+    Epochs shorter than a checkpoint write (small data from a GPU cache: 0.1 s epochs, 0.4 s writes) must
+    not wait for the disk: when the worker already has a checkpoint queued behind the one it writes, an
+    epoch that did not improve is *deferred* (not written; the next written checkpoint supersedes it).
+    An improving epoch is always written (``best.pt`` must hold its weights), and so is the last one
+    (``on_fit_end``) and the state at a stop (``on_interrupt``). ``deferred`` tells the tracking hook to
+    hold the epoch's metrics back until a checkpoint at or after it is queued (RELIABILITY rule 4).
     """
 
     def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any], io: EpochIO | None = None) -> None:
@@ -201,6 +217,7 @@ class CheckpointHook(Hook):
         self.rotated = False  # whether the last write kept the previous last.pt as prev.pt
         self.last_digest: str | None = None  # sha256 of the last.pt this process wrote (None: verify it)
         self.stored: dict[str, str] = {}  # file name -> digest the artifact store holds (or is about to)
+        self.deferred = False  # the latest finished epoch's checkpoint was not written (see the class docstring)
 
     def on_fit_start(self, ctx: FitContext) -> None:
         removed = checkpoint.clean_stale_tmp(self.weights_dir)
@@ -216,6 +233,16 @@ class CheckpointHook(Hook):
         if not ctx.trainer.is_main_process:
             return
         improved = ctx.last is not None and ctx.last.improved
+        self.deferred = not improved and not self.io.slot_free()
+        if not self.deferred:
+            self._submit(ctx, improved)
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        if ctx.trainer.is_main_process and self.deferred:  # the final state is always written
+            self._submit(ctx, improved=False)
+            self.deferred = False
+
+    def _submit(self, ctx: FitContext, improved: bool) -> None:
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
         state = checkpoint.snapshot(checkpoint_state(ctx, self.meta))
         self.io.submit(self._epoch_job, state, improved, ctx.state.epoch - 1, bounded=True)
@@ -233,9 +260,10 @@ class CheckpointHook(Hook):
     def on_interrupt(self, ctx: FitContext) -> None:
         """A stop inside an epoch: write (and queue) a step-granular ``last.pt``, synchronously, after the
         queued epoch jobs. Between epochs the epoch's own checkpoint is already the latest state, so
-        nothing is written."""
+        nothing is written - unless that epoch's checkpoint was deferred."""
         self.io.drain()  # the previous epoch's write must not race this one (rotation reads last.pt)
-        if ctx.trainer.is_main_process and ctx.state.batch > 0:
+        if ctx.trainer.is_main_process and (ctx.state.batch > 0 or self.deferred):
+            self.deferred = False
             where = f"epoch {ctx.state.epoch}, batch {ctx.state.batch}"
             with _checkpoint_errors(where, self.weights_dir):
                 self._write(checkpoint_state(ctx, self.meta), improved=False)
@@ -300,11 +328,14 @@ class TrackingHook(Hook):
     An epoch's logging is a job on ``io``, queued after that epoch's checkpoint job.
     """
 
-    def __init__(self, tracker: Any, confusion_every_epoch: bool, io: EpochIO | None = None) -> None:
+    def __init__(self, tracker: Any, confusion_every_epoch: bool, io: EpochIO | None = None,
+                 checkpoints: CheckpointHook | None = None) -> None:
         self.tracker = tracker
         self.confusion_every_epoch = confusion_every_epoch
         self.io = io if io is not None else EpochIO(inline=True)
+        self.checkpoints = checkpoints  # whose ``deferred`` holds an epoch's metrics back
         self.logged: set[int] = set()
+        self.held: list[tuple[int, dict[str, float], torch.Tensor | None]] = []  # epochs without a checkpoint yet
 
     def on_fit_start(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process:
@@ -322,7 +353,23 @@ class TrackingHook(Hook):
         if not ctx.trainer.is_main_process or ctx.last is None:
             return
         val_cm = ctx.last.val_cm.clone() if self.confusion_every_epoch else None
-        self.io.submit(self._epoch_job, ctx.state.epoch - 1, dict(ctx.last.metrics), val_cm, list(ctx.class_names))
+        self.held.append((ctx.state.epoch - 1, dict(ctx.last.metrics), val_cm))
+        if self.checkpoints is None or not self.checkpoints.deferred:
+            self._release(ctx)
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        if ctx.trainer.is_main_process and self.held:  # the checkpoint hook wrote the deferred state
+            self._release(ctx)
+
+    def on_interrupt(self, ctx: FitContext) -> None:
+        """After the checkpoint hook's ``on_interrupt`` wrote the state: send what was held back."""
+        if ctx.trainer.is_main_process and self.held:
+            self._release(ctx)
+
+    def _release(self, ctx: FitContext) -> None:
+        held, self.held = self.held, []
+        for step, metrics, val_cm in held:
+            self.io.submit(self._epoch_job, step, metrics, val_cm, list(ctx.class_names))
 
     def _epoch_job(self, step: int, metrics: dict[str, float], val_cm: torch.Tensor | None,
                    class_names: list[str]) -> None:

@@ -381,7 +381,8 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
     # next epoch trains (the hooks' order is the order of the jobs).
     io = EpochIO()
     ckpt_hook = CheckpointHook(s.run_dir / "weights", tracker, meta, io)
-    hooks = [ckpt_hook, TrackingHook(tracker, cfg.tracking.confusion_every_epoch, io)]
+    tracking_hook = TrackingHook(tracker, cfg.tracking.confusion_every_epoch, io, checkpoints=ckpt_hook)
+    hooks = [ckpt_hook, tracking_hook]
     if cfg.tracking.tensorboard:
         hooks.append(TensorBoardHook(s.run_dir / "tensorboard", io))
     hooks.append(ConsoleHook())
@@ -393,6 +394,12 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
         except Interrupted:
             io.drain()  # the finished epochs' checkpoints and metrics are queued before the stop's own
             ckpt_hook.on_interrupt(ctx)  # inside an epoch: a step-granular last.pt, uploaded before KILLED
+            tracking_hook.on_interrupt(ctx)  # then the metrics of epochs whose checkpoint had been deferred
+            raise
+        except StopTraining:  # an epoch callback ended the run at an epoch boundary (e.g. a pruned trial)
+            ckpt_hook.on_fit_end(ctx)  # the state is consistent there: write a deferred checkpoint
+            tracking_hook.on_fit_end(ctx)
+            io.close()
             raise
         io.close()  # a write error of the last epochs fails the run here; best.pt is complete after it
     except BaseException:

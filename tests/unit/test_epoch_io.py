@@ -360,3 +360,47 @@ def test_real_training_queues_each_checkpoint_before_its_metrics_and_commit(
     epochs = {Path(f.path).name for f in client.list_artifacts(result.run_id, "plots/epochs")}
     assert len(epochs) == 3  # the confusion figures were rendered on the worker too
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------- epochs shorter than a checkpoint write
+
+
+def test_epochs_faster_than_the_disk_defer_checkpoints_and_hold_their_metrics(io: EpochIO, tmp_path: Path,
+                                                                              tracker: Any) -> None:
+    """A busy worker: non-improving epochs are not written and never wait; their metrics go out only
+    after a later checkpoint's upload; an improving epoch is always written; the final state is written
+    at fit end. Epoch k here = metric step k."""
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    ckpt = CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io)
+    hooks = [ckpt, TrackingHook(tracker, confusion_every_epoch=False, io=io, checkpoints=ckpt)]
+    gate = threading.Event()
+    io.submit(gate.wait, 10, bounded=True)  # a write in progress ...
+    io.submit(lambda: None, bounded=True)  # ... and one queued behind it: the slots are full
+    improved = [False, False, True, False]
+    for step, better in enumerate(improved):
+        ctx.state.epoch, ctx.last = step + 1, EpochOutput({"train/loss": float(step)}, torch.zeros(2, 2),
+                                                          torch.zeros(2, 2), improved=better)
+        if better:
+            gate.set()  # an improving epoch waits for a slot (best.pt must hold its weights)
+        start = time.monotonic()
+        for hook in hooks:
+            hook.on_epoch_end(ctx)
+        if not better:
+            assert time.monotonic() - start < 1.0  # never waits for the disk
+        if step < 2:
+            assert ckpt.deferred  # (step 3 is deferred or not, by whether step 2's write is still queued)
+    io.drain()
+    for hook in hooks:
+        hook.on_fit_end(ctx)
+    io.drain()
+    kinds = [e[:2] for e in tracker.events if e[0] != "log_artifact" or e[1][0] == "last.pt"]
+    written = [e[1][1] for e in kinds if e[0] == "log_artifact"]
+    assert 2 in written and written[-1] == 3 and 0 not in written and 1 not in written
+    for step in range(4):  # every step's metrics once, each after the upload of a checkpoint at or after it
+        metrics = kinds.index(("log_metrics", step))
+        assert any(e[0] == "log_artifact" and e[1][1] >= step for e in kinds[:metrics]), kinds
+        assert kinds.count(("log_metrics", step)) == 1
+    assert kinds[-1] == ("set_tags", "3")
+    assert checkpoint.load(tmp_path / "weights" / "best.pt")["progress"]["epoch"] == 3  # step 2's state
+    assert checkpoint.load(tmp_path / "weights" / "last.pt")["progress"]["epoch"] == 4
