@@ -11,6 +11,7 @@ steps that were not committed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -207,7 +208,15 @@ class CheckpointHook(Hook):
     An improving epoch is always written (``best.pt`` must hold its weights), and so is the last one
     (``on_fit_end``) and the state at a stop (``on_interrupt``). ``deferred`` tells the tracking hook to
     hold the epoch's metrics back until a checkpoint at or after it is queued (RELIABILITY rule 4).
+    A non-improving epoch is also deferred while less than ``DUTY`` x the last write's duration has passed
+    since the last checkpoint was queued: the writer then runs at most ~1/DUTY of the time, so its Python
+    work (pickling, the tracker's inserts) competes with the training thread for the GIL only that much.
+    With epochs longer than that (the usual case), writes shorter than ``DUTY_MIN_WRITE_S`` (small models)
+    and under synchronous IO (fault injection, ``MLTRACK_SYNC_EPOCH_IO``) every epoch is written.
     """
+
+    DUTY = 4.0
+    DUTY_MIN_WRITE_S = 0.1
 
     def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any], io: EpochIO | None = None) -> None:
         self.weights_dir = weights_dir
@@ -218,6 +227,8 @@ class CheckpointHook(Hook):
         self.last_digest: str | None = None  # sha256 of the last.pt this process wrote (None: verify it)
         self.stored: dict[str, str] = {}  # file name -> digest the artifact store holds (or is about to)
         self.deferred = False  # the latest finished epoch's checkpoint was not written (see the class docstring)
+        self.write_s = 0.0  # duration of the last checkpoint job (worker thread)
+        self.queued_at = -math.inf  # when the last checkpoint was queued (training thread)
 
     def on_fit_start(self, ctx: FitContext) -> None:
         removed = checkpoint.clean_stale_tmp(self.weights_dir)
@@ -233,7 +244,9 @@ class CheckpointHook(Hook):
         if not ctx.trainer.is_main_process:
             return
         improved = ctx.last is not None and ctx.last.improved
-        self.deferred = not improved and not self.io.slot_free()
+        recent = (not self.io.inline and self.write_s >= self.DUTY_MIN_WRITE_S
+                  and time.monotonic() - self.queued_at < self.DUTY * self.write_s)
+        self.deferred = not improved and (recent or not self.io.slot_free())
         if not self.deferred:
             self._submit(ctx, improved)
 
@@ -245,14 +258,17 @@ class CheckpointHook(Hook):
     def _submit(self, ctx: FitContext, improved: bool) -> None:
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
         state = checkpoint.snapshot(checkpoint_state(ctx, self.meta))
+        self.queued_at = time.monotonic()
         self.io.submit(self._epoch_job, state, improved, ctx.state.epoch - 1, bounded=True)
 
     def _epoch_job(self, state: dict[str, Any], improved: bool, epoch: int) -> None:
+        start = time.monotonic()
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
             self._write(state, improved)
         fault("after_ckpt_write", epoch)
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
             self._upload(improved)
+        self.write_s = time.monotonic() - start  # read by the training thread: a float, written whole
         if _faults_on():
             self.tracker.flush()
         fault("after_ckpt_upload", epoch)

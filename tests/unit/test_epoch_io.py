@@ -404,3 +404,28 @@ def test_epochs_faster_than_the_disk_defer_checkpoints_and_hold_their_metrics(io
     assert kinds[-1] == ("set_tags", "3")
     assert checkpoint.load(tmp_path / "weights" / "best.pt")["progress"]["epoch"] == 3  # step 2's state
     assert checkpoint.load(tmp_path / "weights" / "last.pt")["progress"]["epoch"] == 4
+
+
+def test_a_slow_writer_runs_at_most_a_quarter_of_the_time(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
+    """After a 0.3 s write, non-improving epochs within 4 x 0.3 s of the last queued checkpoint are deferred
+    even with the worker idle; an improving one is written; later epochs are written again."""
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    ckpt = CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io)
+    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
+    ckpt.on_epoch_end(ctx)
+    io.drain()
+    assert not ckpt.deferred
+    ckpt.write_s = 0.3  # as if that write had taken 0.3 s
+    ctx.state.epoch = 2
+    ckpt.on_epoch_end(ctx)
+    assert ckpt.deferred and io.slot_free()
+    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=True)
+    ckpt.on_epoch_end(ctx)
+    assert not ckpt.deferred
+    io.drain()
+    ckpt.write_s, ckpt.queued_at = 0.3, time.monotonic() - 1.3
+    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
+    ckpt.on_epoch_end(ctx)
+    assert not ckpt.deferred
+    io.drain()
