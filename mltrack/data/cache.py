@@ -400,16 +400,8 @@ class CachedLoader(PlannedLoader):
                          num_workers=num_workers, dataset=dataset)
         self.split = split
         self._streamed = split.pixels.device.type == "cpu" and self.device.type == "cuda"  # ram cache feeding a GPU
-        self._side: Optional[torch.cuda.Stream] = None  # where batches are made (CUDA), see one_batch_ahead
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.device.type != "cuda":
-            return self._batches()
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return one_batch_ahead(self._batches(), self._side)
-
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, params = self.epoch_plan()
         order_dev, params_dev = self._to_device(order), self._to_device(params)
         bs = self.batch_size
@@ -425,39 +417,6 @@ class CachedLoader(PlannedLoader):
         finally:
             if stager is not None:
                 stager.close()  # stops the thread, also when the consumer left early
-
-
-def one_batch_ahead(batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                    side: torch.cuda.Stream) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``batches`` made on the ``side`` stream, batch k+1 queued before batch k is handed out.
-
-    The gather and augmentation kernels of the next batch are then already queued on the GPU when the
-    training step of the current one is, and run beside it where the step leaves the GPU room (small
-    convolutions, the optimizer), instead of after it on the one stream. The consumer's stream waits for
-    each batch (an event), and the batch's memory is tied to it (``record_stream``) so the allocator does
-    not hand it back to the side stream while the step still reads it.
-    """
-    current = torch.cuda.current_stream(side.device)
-    side.wait_stream(current)  # whatever the consumer queued before (e.g. model weights moved) comes first
-
-    def make() -> Optional[tuple[tuple[torch.Tensor, torch.Tensor], torch.cuda.Event]]:
-        with torch.cuda.stream(side):
-            batch = next(batches, None)
-            return None if batch is None else (batch, side.record_event())
-
-    try:
-        ready = make()
-        while ready is not None:
-            (images, labels), event = ready
-            current.wait_event(event)
-            images.record_stream(current)
-            labels.record_stream(current)
-            ready = make()
-            yield images, labels
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # the producer's own clean-up (e.g. the RAM cache's stager thread)
 
 
 def put_unless_stopped(q: queue.Queue, item: Any, stop: threading.Event) -> bool:

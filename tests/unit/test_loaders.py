@@ -322,23 +322,3 @@ def test_cuda_batches_equal_the_cpu_float_path(tiny_dataset):
     x_gpu, y_gpu = torch.cat([x.cpu() for x, _ in got]), torch.cat([y.cpu() for _, y in got])
     labels, x_cpu = _epoch(cpu.val)
     assert y_gpu.tolist() == labels and (x_gpu - x_cpu).abs().max().item() <= 1e-6
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cache", ["gpu", "ram"])
-def test_cuda_cache_made_a_batch_ahead_on_a_side_stream_equals_the_plain_batches(tiny_dataset, cache: str):
-    """one_batch_ahead only moves where and when batches are made: same pixels, labels and order as the
-    plain generator for the same generator state; the consumer's stream can use them at once."""
-    data = tiny_dataset(per_class=9, size=14, folds=2)
-    cfg = _cfg(data, transforms="imagenet", num_workers=0, cache=cache)
-    loaders = build_loaders(cfg, 4, 0, False, "cuda", trainer_type="standard", channels_last=True)
-    train = loaders.train
-    state = train.generator.get_state()
-    plain = [(x.clone(), y.clone()) for x, y in train._batches()]
-    train.generator.set_state(state)
-    ahead = [(x, x * 1.0, y.clone()) for x, y in train]  # used on the current stream right away
-    torch.cuda.synchronize()
-    assert len(ahead) == len(plain) > 2
-    for (x, xa, ya), (xp, yp) in zip(ahead, plain):
-        assert torch.equal(ya, yp) and torch.equal(xa, xp)
-        assert x.is_contiguous(memory_format=torch.channels_last)
