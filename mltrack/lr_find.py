@@ -28,6 +28,7 @@ import torch
 from mltrack.config import RunConfig
 from mltrack.console import get_logger
 from mltrack.errors import UserError
+from mltrack.trainers.base import Trainer
 
 log = get_logger()
 
@@ -93,22 +94,31 @@ def _cycle(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, loss_fn: torch.nn.Module,
-          lrs: list[float], device: torch.device, beta: float = 0.98, divergence: float = 4.0
+          lrs: list[float], trainer: Trainer, beta: float = 0.98, divergence: float = 4.0
           ) -> tuple[list[float], list[float], list[float], bool]:
     """One optimizer step per lr in ``lrs`` (the loader is cycled); returns (lrs used, raw losses,
-    smoothed losses, diverged). Mutates ``model`` and ``optimizer``: use throw-away ones."""
-    model.to(device).train()
+    smoothed losses, diverged). Mutates ``model`` and ``optimizer``: use throw-away ones.
+
+    Each step goes through ``trainer``'s variation points (device placement, autocast, loss scaling,
+    clipping, the dp noise), so the test sees the loss curve the configured trainer will train on; one
+    micro-batch per step (no accumulation): the lr, not the batch, is what varies.
+    """
+    model, optimizer, prepared = trainer.prepare(model, optimizer, {"train": loader, "val": None, "test": None})
+    model.train()
     used, losses, diverged = [], [], False
     best, avg = math.inf, 0.0
-    batches = _cycle(loader)
+    batches = _cycle(prepared["train"])
     for i, lr in enumerate(lrs):
         images, targets = next(batches)
-        for group in optimizer.param_groups:
+        for group in trainer.inner_optimizer(optimizer).param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images.to(device)).float(), targets.to(device))
-        loss.backward()
-        optimizer.step()
+        trainer.zero_grad(optimizer)
+        images, targets = trainer.to_device(images, targets)
+        with trainer.accumulate(model, True):
+            with trainer.autocast():
+                loss = loss_fn(model(images).float(), targets)
+            trainer.backward(loss)
+        trainer.optimizer_step(model, optimizer)
         used.append(lr)
         losses.append(float(loss.detach()))
         avg = beta * avg + (1 - beta) * losses[-1]  # the running form of smooth()
@@ -150,6 +160,7 @@ def run_lr_find(cfg: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0,
     from mltrack.optim import build_optimizer
     from mltrack.run import prepare_data, resolve_device, seed_everything, unique_dir
     from mltrack.tracking import Tracker
+    from mltrack.trainers import build_trainer
 
     lrs = lr_schedule(start_lr, end_lr, num_iter)
     device = resolve_device(cfg.training.device)
@@ -168,8 +179,13 @@ def run_lr_find(cfg: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0,
         tracker.log_params({**flatten(cfg), "lr_find.start_lr": start_lr, "lr_find.end_lr": end_lr,
                             "lr_find.num_iter": num_iter, "lr_find.beta": beta, "lr_find.divergence": divergence})
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing)
-        used, losses, smoothed, diverged = sweep(model, build_optimizer(cfg.optimizer, model), loaders.train,
-                                                 loss_fn, lrs, device, beta, divergence)
+        optimizer = build_optimizer(cfg.optimizer, model, fused=cfg.training.trainer_type != "dp")
+        trainer = build_trainer(cfg.training, device)
+        try:
+            used, losses, smoothed, diverged = sweep(model, optimizer, loaders.train, loss_fn, lrs, trainer, beta,
+                                                     divergence)
+        finally:
+            trainer.end()
         result = LRFindResult(used, losses, smoothed, suggest(used, smoothed), diverged, tracker.run_id)
         _log_result(tracker, result, run_dir)
         status, reason = "FINISHED", None

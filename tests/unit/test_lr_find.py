@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,6 +48,33 @@ def test_suggestion_is_the_steepest_descent_before_the_end() -> None:
     assert suggest(lrs, [float("nan")] * len(lrs)) is None
 
 
+def _trainer(trainer_type: str, *sets: str) -> Any:
+    from mltrack.config import load_config
+    from mltrack.trainers import build_trainer
+
+    cfg = load_config(None, [f"training.trainer_type={trainer_type}", "training.device=cpu", *sets])
+    return build_trainer(cfg.training, torch.device("cpu"))
+
+
+def test_sweep_steps_through_the_configured_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed_precision config's range test runs its forward under bf16 autocast and its steps through the
+    trainer (so clipping applies), like training does."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    loader = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    trainer = _trainer("mixed_precision", "training.max_grad_norm=0.5")
+    dtypes: list[torch.dtype] = []
+    model[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    clipped: list[int] = []
+    original = trainer.clip_gradients
+    monkeypatch.setattr(trainer, "clip_gradients", lambda m: (clipped.append(1), original(m)))
+    used, losses, _, _ = sweep(model, torch.optim.SGD(model.parameters(), lr=1.0), loader,
+                               torch.nn.CrossEntropyLoss(), lr_schedule(1e-4, 1e-2, 5), trainer)
+    assert len(used) == 5 and all(math.isfinite(v) for v in losses)
+    assert set(dtypes) == {torch.bfloat16} and len(clipped) == 5
+
+
 def test_sweep_stops_when_the_loss_diverges() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
@@ -55,7 +83,7 @@ def test_sweep_stops_when_the_loss_diverges() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     lrs = lr_schedule(1e-4, 1e4, 60)
     used, losses, smoothed, diverged = sweep(model, optimizer, loader, torch.nn.CrossEntropyLoss(), lrs,
-                                             torch.device("cpu"), beta=0.9, divergence=4.0)
+                                             _trainer("standard"), beta=0.9, divergence=4.0)
     assert diverged and len(used) < len(lrs)
     assert used == lrs[:len(used)] and len(losses) == len(smoothed) == len(used)
     last = smoothed[-1]
