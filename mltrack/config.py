@@ -89,6 +89,8 @@ class TrainingConfig(_Frozen):
     # H100 for a 10-bit mantissa inside the products; off: IEEE fp32 products, for bit-level comparisons.
     tf32: bool = True
     compile: bool = False  # torch.compile the model (not with dp)
+    # torch.compile mode; reduce-overhead replays CUDA graphs (small batches: fewer kernel launches)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: Optional[float] = Field(None, gt=0.0)  # global-norm clipping; None: off
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)

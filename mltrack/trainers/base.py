@@ -36,7 +36,7 @@ class Trainer:
         return model, optimizer, loaders
 
     def compile(self, model: nn.Module) -> nn.Module:
-        return torch.compile(model) if self.cfg.compile else model
+        return torch.compile(model, mode=self.cfg.compile_mode) if self.cfg.compile else model
 
     @property
     def is_main_process(self) -> bool:
