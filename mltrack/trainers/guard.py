@@ -55,12 +55,14 @@ class NonFiniteCounters:
         self.limit = limit
         self.peek = HostPeek(device)
 
-    def update(self, bad: torch.Tensor, where: str) -> None:
+    def update(self, bad: torch.Tensor, epoch: int, batch: int) -> None:
         """Count one optimizer step (``bad`` 1: skipped); raise once a streak of ``limit`` is known."""
         self.streak = (self.streak + bad) * bad  # +1 on a bad step, back to 0 on a good one
         self.longest = torch.maximum(self.longest, self.streak)
         self.total += bad
-        self.check(self.peek.poll(self.longest), where)
+        longest = self.peek.poll(self.longest)
+        if longest is not None and longest >= self.limit:  # the message is built only when it is needed
+            self.check(longest, f"epoch {epoch}, batch {batch}")
 
     def check(self, longest: Optional[int], where: str) -> None:
         if longest is not None and longest >= self.limit:

@@ -279,7 +279,6 @@ def _optimizer_step(ctx: FitContext, sums: "_EpochSums", group_loss: torch.Tenso
     """
     trainer = ctx.trainer
     bad = trainer.reduce_sum((~torch.isfinite(group_loss)).to(torch.int64)).clamp(max=1)
-    where = f"epoch {ctx.state.epoch}, batch {batch}"
     if trainer.skips_on_device(ctx.optimizer):
         trainer.optimizer_step(ctx.model, ctx.optimizer, found_inf=bad)
         stepped = True
@@ -288,7 +287,7 @@ def _optimizer_step(ctx: FitContext, sums: "_EpochSums", group_loss: torch.Tenso
     if stepped:
         ctx.state.global_step += 1
         ctx.schedule.step_batch()
-    sums.bad.update(bad, where)
+    sums.bad.update(bad, ctx.state.epoch, batch)
     trainer.zero_grad(ctx.optimizer)
 
 
