@@ -335,13 +335,13 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
     from mltrack.data.loaders import build_loaders
     from mltrack.models import build_model
     from mltrack.optim import build_optimizer, build_scheduler
-    from mltrack.trainers import build_trainer
+    from mltrack.trainers import autocast_dtype, build_trainer
 
     seed_everything(cfg.training.seed, cfg.training.deterministic, cfg.training.tf32)
     log.info("Using fold: %d  device: %s  trainer: %s", cfg.data.fold, device, cfg.training.trainer_type)
     loaders = build_loaders(cfg.data, cfg.training.batch_size, cfg.training.seed, cfg.training.deterministic,
                             device.type, device=device, trainer_type=cfg.training.trainer_type,
-                            channels_last=cfg.training.channels_last)
+                            channels_last=cfg.training.channels_last, train_dtype=autocast_dtype(cfg.training))
     log.info("Dataset sizes: %s  data cache: %s (%s)", loaders.sizes, loaders.cache, loaders.cache_reason)
     trainer = build_trainer(cfg.training, device)
     model = build_model(cfg.model, len(class_names), image_size=cfg.data.image_size)

@@ -26,7 +26,10 @@ pinned-memory allocator).
 Augment each batch with a few batched ops, no per-image Python: ``roi_align`` with per-sample boxes
 (adaptive sampling averages when shrinking, like an anti-aliased resize) and ``torch.where`` flips for
 imagenet; ``affine_grid`` + ``grid_sample`` (nearest, zero fill, as RandomAffine) for digits; flips for
-basic; then normalisation, as float32 (autocast casts for the model), channels_last on request.
+basic; then normalisation, channels_last on request. On a GPU the imagenet train geometry is instead one
+fused kernel with the same arithmetic (:mod:`mltrack.data.gpu_crop`) that reads the cache by index and
+writes the train batch in the training dtype (bf16/fp16 under mixed precision, which autocast would cast
+to anyway; float32 otherwise). Eval batches are float32.
 
 Randomness: at the start of each train epoch the order (shuffle, or balanced sampling with replacement)
 and every augmentation parameter of the epoch are drawn on the CPU from the loaders' generator, the one
@@ -49,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mltrack.data import gpu_crop
 from mltrack.data.images import load_rgb
 from mltrack.data.transforms import HALF, IMAGENET_MEAN, IMAGENET_STD
 from mltrack.errors import ConfigError
@@ -351,12 +355,12 @@ class PlannedLoader:
     def __init__(self, sizes: torch.Tensor, labels: torch.Tensor, recipe: str, image_size: int, batch_size: int,
                  device: torch.device, *, train: bool, generator: torch.Generator,
                  weights: Optional[torch.Tensor] = None, channels_last: bool = False, num_workers: int = 0,
-                 dataset: Any = None) -> None:
+                 dataset: Any = None, dtype: torch.dtype = torch.float32) -> None:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.sizes, self.labels, self.recipe, self.image_size = sizes, labels, recipe, image_size
         self.batch_size, self.device, self.train = batch_size, device, train
-        self.generator, self.weights, self.channels_last = generator, weights, channels_last
+        self.generator, self.weights, self.channels_last, self.dtype = generator, weights, channels_last, dtype
         self.num_workers, self.dataset = num_workers, dataset
         self.pin_memory = device.type == "cuda"
         mean, std = normalization(recipe)
@@ -382,10 +386,23 @@ class PlannedLoader:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)  # pageable copies would wait for the GPU
 
+    def _images(self, src: torch.Tensor, rows: Optional[torch.Tensor], params: Optional[torch.Tensor]) -> torch.Tensor:
+        """One batch's images from ``src[rows]`` (``rows`` None: all of ``src``) and its augmentation ``params``.
+
+        The imagenet train geometry on a GPU is one fused kernel (:mod:`mltrack.data.gpu_crop`), reading the
+        cache by index; everything else gathers, augments and normalises in separate passes.
+        """
+        if params is not None and self.recipe == "imagenet" and gpu_crop.available(src.device):
+            return gpu_crop.resized_crop(src, rows, params, self.image_size, self._scale, self._shift,
+                                         dtype=self.dtype, channels_last=self.channels_last)
+        if rows is not None:
+            src = src.index_select(0, rows)
+        return self._finish(augment(self.recipe, src, params, self.image_size))
+
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise in one pass, written straight into the requested memory format."""
+        """Normalise in one pass, written straight into the requested memory format and dtype."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return torch.addcmul(self._shift, x, self._scale, out=torch.empty_like(x, memory_format=fmt))
+        return torch.addcmul(self._shift, x, self._scale, out=torch.empty_like(x, memory_format=fmt, dtype=self.dtype))
 
 
 class CachedLoader(PlannedLoader):
@@ -394,10 +411,11 @@ class CachedLoader(PlannedLoader):
 
     def __init__(self, split: CachedSplit, recipe: str, image_size: int, batch_size: int, device: torch.device,
                  *, train: bool, generator: torch.Generator, weights: Optional[torch.Tensor] = None,
-                 channels_last: bool = False, num_workers: int = 0, dataset: Any = None) -> None:
+                 channels_last: bool = False, num_workers: int = 0, dataset: Any = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__(split.sizes, split.labels, recipe, image_size, batch_size, device, train=train,
                          generator=generator, weights=weights, channels_last=channels_last,
-                         num_workers=num_workers, dataset=dataset)
+                         num_workers=num_workers, dataset=dataset, dtype=dtype)
         self.split = split
         self._streamed = split.pixels.device.type == "cpu" and self.device.type == "cuda"  # ram cache feeding a GPU
 
@@ -410,10 +428,9 @@ class CachedLoader(PlannedLoader):
         try:
             for start in range(0, len(order), bs):
                 idx = order_dev[start:start + bs]
-                src = self.split.pixels.index_select(0, idx) if sources is None else next(sources)
+                src, rows = (self.split.pixels, idx) if sources is None else (next(sources), None)
                 p = params_dev[start:start + bs] if params_dev is not None else None
-                images = self._finish(augment(self.recipe, src, p, self.image_size))
-                yield images, self.split.labels.index_select(0, idx)
+                yield self._images(src, rows, p), self.split.labels.index_select(0, idx)
         finally:
             if stager is not None:
                 stager.close()  # stops the thread, also when the consumer left early
@@ -500,7 +517,8 @@ def build_cached_loaders(raw_dir: Path, samples: dict[str, list[tuple[str, int]]
                          image_size: int, precrop_size: Optional[int], max_pixels: int, workers: int,
                          batch_size: int, device: torch.device, generators: dict[str, torch.Generator],
                          balanced_weights: Optional[torch.Tensor] = None, channels_last: bool = False,
-                         datasets: Optional[dict[str, Any]] = None) -> dict[str, CachedLoader]:
+                         datasets: Optional[dict[str, Any]] = None,
+                         train_dtype: torch.dtype = torch.float32) -> dict[str, CachedLoader]:
     """Decode each split of ``samples`` once and wrap it in a :class:`CachedLoader`.
 
     ``mode`` is ``gpu`` (pixels in ``device`` memory) or ``ram`` (host memory, streamed to a CUDA ``device``).
@@ -519,5 +537,6 @@ def build_cached_loaders(raw_dir: Path, samples: dict[str, list[tuple[str, int]]
         out[split] = CachedLoader(
             CachedSplit(pixels, sizes, labels), recipe, image_size, batch_size, device, train=train,
             generator=generators[split], weights=balanced_weights if train else None,
-            channels_last=channels_last, num_workers=workers, dataset=(datasets or {}).get(split))
+            channels_last=channels_last, num_workers=workers, dataset=(datasets or {}).get(split),
+            dtype=train_dtype if train else torch.float32)
     return out

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mltrack.data.cache import (QUEUE_END, PlannedLoader, augment, center_box, drain, geometry,
+from mltrack.data.cache import (QUEUE_END, PlannedLoader, center_box, drain, geometry,
                                 put_unless_stopped, resize_like_transforms)
 from mltrack.data.images import load_rgb
 
@@ -218,10 +218,10 @@ class DecodeLoader(PlannedLoader):
     def __init__(self, files: FileIndex, labels: torch.Tensor, recipe: str, image_size: int, batch_size: int,
                  device: torch.device, *, train: bool, generator: torch.Generator, precrop_size: Optional[int] = None,
                  max_pixels: int, threads: int = 4, weights: Optional[torch.Tensor] = None,
-                 channels_last: bool = False, dataset: Any = None) -> None:
+                 channels_last: bool = False, dataset: Any = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(files.sizes, labels, recipe, image_size, batch_size, device, train=train,
                          generator=generator, weights=weights, channels_last=channels_last,
-                         num_workers=threads, dataset=dataset)
+                         num_workers=threads, dataset=dataset, dtype=dtype)
         self.files, self.max_pixels, self.threads = files, max_pixels, threads
         self.geom = geometry(recipe, image_size, train, precrop_size)
         self.keep_same_size = recipe == "imagenet" and train
@@ -239,8 +239,7 @@ class DecodeLoader(PlannedLoader):
                 images, done = self._decode(items)
                 src = fit_geometry(images, done, self.geom, keep_same_size=self.keep_same_size)
                 p = params_dev[start:start + bs] if params_dev is not None else None
-                yield (self._finish(augment(self.recipe, src, p, self.image_size)),
-                       self.labels.index_select(0, order_dev[start:start + bs]))
+                yield self._images(src, None, p), self.labels.index_select(0, order_dev[start:start + bs])
         finally:
             reader.close()  # stops the thread, also when the consumer left early
         log.debug("decode_gpu epoch: %d of %d images decoded on the CPU", self.cpu_decoded, len(order))
@@ -283,7 +282,8 @@ def build_decode_loaders(raw_dir: Path, samples: dict[str, list[tuple[str, int]]
                          precrop_size: Optional[int], max_pixels: int, threads: int, batch_size: int,
                          device: torch.device, generators: dict[str, torch.Generator],
                          balanced_weights: Optional[torch.Tensor] = None, channels_last: bool = False,
-                         datasets: Optional[dict[str, Any]] = None) -> dict[str, DecodeLoader]:
+                         datasets: Optional[dict[str, Any]] = None,
+                         train_dtype: torch.dtype = torch.float32) -> dict[str, DecodeLoader]:
     """A :class:`DecodeLoader` per split of ``samples`` (headers scanned now; pixels decoded every epoch).
 
     ``generators[split]`` drives that split's loader (the train one is the checkpointed generator); on a
@@ -299,5 +299,5 @@ def build_decode_loaders(raw_dir: Path, samples: dict[str, list[tuple[str, int]]
             files, labels, recipe, image_size, batch_size, device, train=train, generator=generators[split],
             precrop_size=precrop_size, max_pixels=max_pixels, threads=max(1, threads),
             weights=balanced_weights if train else None, channels_last=channels_last,
-            dataset=(datasets or {}).get(split))
+            dataset=(datasets or {}).get(split), dtype=train_dtype if train else torch.float32)
     return out

@@ -102,6 +102,7 @@ def build_loaders(
     device: torch.device | None = None,
     trainer_type: str | None = None,
     channels_last: bool = False,
+    train_dtype: torch.dtype | None = None,
 ) -> Loaders:
     """Build loaders for ``splits`` of fold ``data_cfg.fold`` under ``data_cfg.data_dir``.
 
@@ -116,7 +117,9 @@ def build_loaders(
     once, augmented on ``device``, default ``device_type``'s current device) or, for ``decode_gpu``, by
     :class:`mltrack.data.gpu_decode.DecodeLoader` s (decoded every epoch with nvJPEG, augmented the same
     way); ``trainer_type`` lets ``auto`` rule out trainers they cannot serve (unknown: no cache),
-    ``channels_last`` sets the layout of their batches. The same generator drives their train loader.
+    ``channels_last`` sets the layout of their batches and ``train_dtype`` the dtype of their train batches
+    on a GPU (the autocast dtype under mixed precision; default float32). The same generator drives their
+    train loader.
     Without a cache, on a CUDA device, the loaders are :class:`DeviceLoader` s when
     :func:`finishes_on_device` says so (module docstring); their batches arrive on ``device``,
     channels_last when asked.
@@ -144,7 +147,8 @@ def build_loaders(
     out: dict[str, Any] = {s: None for s in SPLITS}
     persistent = workers > 0 and not deterministic
     if mode != "none":  # the cache decodes the files itself; the datasets stay for their targets and sizes
-        out.update(_cached_loaders(data_cfg, mode, datasets, batch_size, gens, workers, device, channels_last))
+        dtype = train_dtype if train_dtype is not None and device.type == "cuda" else torch.float32
+        out.update(_cached_loaders(data_cfg, mode, datasets, batch_size, gens, workers, device, channels_last, dtype))
     elif on_device:
         out.update({split: device_loader(ds, data_cfg.transforms, split == "train", data_cfg.sampler, batch_size,
                                          workers, gens[split], device, persistent=persistent,
@@ -261,7 +265,7 @@ def _cache_mode(data_cfg: DataConfig, sizes: dict[str, int], device: torch.devic
 
 def _cached_loaders(data_cfg: DataConfig, mode: str, datasets: dict[str, ImageListDataset], batch_size: int,
                     gens: dict[str, torch.Generator], workers: int, device: torch.device,
-                    channels_last: bool) -> dict[str, Any]:
+                    channels_last: bool, train_dtype: torch.dtype) -> dict[str, Any]:
     """Cached (ram, gpu) or decoding (decode_gpu) loaders for ``datasets``' splits, driven by the same
     generators as DataLoaders; decode_gpu reads files in ``workers`` threads."""
     from mltrack.data import cache
@@ -272,7 +276,7 @@ def _cached_loaders(data_cfg: DataConfig, mode: str, datasets: dict[str, ImageLi
     common: dict[str, Any] = dict(
         recipe=data_cfg.transforms, image_size=data_cfg.image_size, precrop_size=data_cfg.precrop_size,
         max_pixels=data_cfg.max_image_pixels, batch_size=batch_size, device=device, generators=gens,
-        balanced_weights=weights, channels_last=channels_last, datasets=datasets)
+        balanced_weights=weights, channels_last=channels_last, datasets=datasets, train_dtype=train_dtype)
     if mode == "decode_gpu":
         from mltrack.data import gpu_decode
 

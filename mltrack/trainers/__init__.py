@@ -35,5 +35,15 @@ def trainer_class(name: str) -> "type[Trainer]":
         ) from None
 
 
+def autocast_dtype(cfg: TrainingConfig) -> "torch.dtype | None":
+    """The dtype the trainer's autocast runs the model in (None: fp32). The GPU data paths write train
+    batches in it: autocast would cast them for the first layer anyway, and half the bytes are written."""
+    if cfg.trainer_type == "mixed_precision":
+        return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+    if cfg.trainer_type == "accelerate" and cfg.amp_dtype is not None:
+        return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+    return None
+
+
 def build_trainer(cfg: TrainingConfig, device: torch.device) -> "Trainer":
     return trainer_class(cfg.trainer_type)(cfg, device)
