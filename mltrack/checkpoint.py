@@ -18,7 +18,6 @@ are ignored and removed by :func:`clean_stale_tmp` on the next start.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import pickle
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from mltrack.errors import CheckpointError
+from mltrack.snapshot import Snapshot, snapshot, start_snapshot  # noqa: F401 - re-exported, hooks use them
 
 SCHEMA = 1
 MANIFEST_SUFFIX = ".sha256"
@@ -230,59 +230,6 @@ def _offending_global(message: str) -> str:
     if marker in message:
         return message.split(marker, 1)[1].split()[0]
     return message.strip().splitlines()[0][:200]
-
-
-# ---------------------------------------------------------------- snapshots for a background write
-
-
-def snapshot(obj: Any) -> Any:
-    """A copy of ``obj`` (a checkpoint state) that later training cannot change, for a write on another thread.
-
-    Every tensor is copied to the CPU: CUDA tensors into pinned memory with non-blocking copies and one
-    synchronize per device at the end (instead of one blocking copy per tensor); CPU tensors are cloned.
-    Dicts, lists and tuples are rebuilt (dict/list subclasses keep their type and attributes, such as the
-    ``_metadata`` of a ``state_dict``), so an in-place optimizer step or a history append after this call
-    does not reach the copy. A tensor that appears twice (tied weights) is copied once and stays shared.
-    """
-    memo: dict[int, torch.Tensor] = {}
-    devices: set[torch.device] = set()
-    out = _snapshot(obj, memo, devices)
-    for device in devices:  # the copies were queued on each device's current stream
-        torch.cuda.current_stream(device).synchronize()
-    return out
-
-
-def _snapshot(obj: Any, memo: dict[int, torch.Tensor], devices: set[torch.device]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = _tensor_copy(obj.detach(), devices)
-        return memo[id(obj)]
-    if isinstance(obj, dict):
-        out = copy.copy(obj)  # same type, same attributes; every value replaced below
-        for key, value in obj.items():
-            out[key] = _snapshot(value, memo, devices)
-        return out
-    if isinstance(obj, list):
-        items = [_snapshot(v, memo, devices) for v in obj]
-        if type(obj) is list:
-            return items
-        out_list = copy.copy(obj)
-        out_list[:] = items
-        return out_list
-    if isinstance(obj, tuple):
-        items = [_snapshot(v, memo, devices) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple or tuple
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
-        return obj  # immutable
-    return copy.deepcopy(obj)
-
-
-def _tensor_copy(t: torch.Tensor, devices: set[torch.device]) -> torch.Tensor:
-    if t.device.type != "cuda":
-        return t.clone()
-    devices.add(t.device)
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 # ---------------------------------------------------------------- RNG state as plain data

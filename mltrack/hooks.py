@@ -3,7 +3,8 @@
 Order matters and is fixed in ``run.py``: checkpoint (write + queue upload) -> MLflow metrics ->
 commit tag -> TensorBoard -> console. The checkpoint, MLflow and TensorBoard work of an epoch runs as
 jobs on one :class:`EpochIO` worker thread, in that order, while the next epoch trains; what each job
-needs is captured on the training thread at the end of the epoch (the checkpoint as a CPU snapshot).
+needs is captured on the training thread at the end of the epoch (the checkpoint as a CPU snapshot, whose
+host copies may still be in flight on a side stream: the job waits for them).
 The worker and the tracker's own sender are both FIFO, so the server never holds metrics for a step
 whose checkpoint upload was not queued before them (RELIABILITY rule 4), and a resume re-logs only
 steps that were not committed.
@@ -72,8 +73,10 @@ class CheckpointHook(Hook):
     digest *and* the one the store holds, so a process killed between the two uploads leaves a pair that
     still verifies (the same protocol as ``checkpoint.save``, across the network).
 
-    At the end of an epoch only a CPU snapshot of the state is taken on the training thread; rotation,
-    write, ``best.pt`` link and upload queueing run as one job on ``io`` while the next epoch trains.
+    At the end of an epoch only a CPU snapshot of the state is started on the training thread (device
+    clones, then host copies on a side stream: ``checkpoint.start_snapshot``, synchronous under inline IO);
+    waiting for it, rotation, write, ``best.pt`` link and upload queueing run as one job on ``io`` while
+    the next epoch trains.
     ``rotated``, ``last_digest`` and ``stored`` belong to that job (one worker, FIFO): the training
     thread reads them only after ``io.drain()``.
 
@@ -132,12 +135,15 @@ class CheckpointHook(Hook):
 
     def _submit(self, ctx: FitContext, improved: bool) -> None:
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
-        state = checkpoint.snapshot(checkpoint_state(ctx, self.meta))
+        # Inline IO (fault injection, MLTRACK_SYNC_EPOCH_IO) keeps the copy synchronous: the state is complete
+        # where the epoch ends, as crash points and debugging expect.
+        snap = checkpoint.start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
         self.queued_at = time.monotonic()
-        self.io.submit(self._epoch_job, state, improved, ctx.state.epoch - 1, bounded=True)
+        self.io.submit(self._epoch_job, snap, improved, ctx.state.epoch - 1, bounded=True)
 
-    def _epoch_job(self, state: dict[str, Any], improved: bool, epoch: int) -> None:
+    def _epoch_job(self, snap: checkpoint.Snapshot, improved: bool, epoch: int) -> None:
         start = time.monotonic()
+        state = snap.wait()  # outside _checkpoint_errors: a CUDA error surfacing here is not the disk's
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
             self._write(state, improved)
         fault("after_ckpt_write", epoch)
