@@ -1,11 +1,14 @@
 """Peers of mltrack's data path: the reference DataLoader, timm's prefetching loader, synthetic batches
-already on the device (the ceiling) and per-epoch nvJPEG decoding; plus models, the training step and
-the epoch timer every variant shares.
+already on the device (the ceiling) and per-epoch nvJPEG decoding; plus models, the training step, the
+epoch timer every variant shares and the interleaved timer of variants compared within 1 %.
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -76,9 +79,20 @@ def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mod
     return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def sync(device: torch.device, every_stream: bool = False) -> None:
+    """Wait for the work queued on the current (training) stream, or on every stream of the device.
+
+    An epoch's end waits for the training stream only, as the loop's own ``.item()`` does: work a hook queued
+    on a side stream (the checkpoint's device-to-host copies, ``mltrack.snapshot.start_snapshot``) overlaps
+    the next epoch in training, so it must not be charged to this one. Timed windows start with every
+    stream idle.
+    """
+    if device.type != "cuda":
+        return
+    if every_stream:
         torch.cuda.synchronize(device)
+    else:
+        torch.cuda.current_stream(device).synchronize()
 
 
 def steps_epoch(loader: Iterable, step: Callable[..., None]) -> int:
@@ -91,19 +105,28 @@ def steps_epoch(loader: Iterable, step: Callable[..., None]) -> int:
 
 
 def time_epochs(run_epoch: Callable[[], int], device: torch.device, *, warmup_epochs: int, min_seconds: float,
-                max_epochs: int, min_epochs: int = 1) -> dict[str, Any]:
+                max_epochs: int, min_epochs: int = 1, settled: Optional[Callable[[], bool]] = None,
+                max_warmup_epochs: int = 0) -> dict[str, Any]:
     """img/s over whole epochs after ``warmup_epochs`` (start-up, cuDNN autotune, compilation).
 
     Whole epochs are timed, so an epoch's start (a DataLoader refilling its workers, a cache drawing its
     plan) counts as it does in training; timing stops after the first epoch that ends past
-    ``min_seconds`` (at least ``min_epochs``, at most ``max_epochs``). The device is synchronised at both
-    ends. Also returns the per-epoch times and the warm-up time.
+    ``min_seconds`` (at least ``min_epochs``, at most ``max_epochs``). The timed window starts with the
+    device idle; every epoch ends when the training stream is done (``sync``). Also returns the per-epoch
+    times and the warm-up time.
+
+    ``settled`` (e.g. ``CompileWatch.settled``): after the first ``warmup_epochs``, warm-up goes on until
+    it returns True, at most ``max_warmup_epochs`` in all; the row then also holds the warm-up epochs' times.
     """
     t0 = time.perf_counter()
-    for _ in range(warmup_epochs):
+    warm: list[float] = []
+    while len(warm) < warmup_epochs or (settled is not None and len(warm) < max_warmup_epochs and not settled()):
+        e0 = time.perf_counter()
         run_epoch()
-    sync(device)
-    warm = time.perf_counter() - t0
+        sync(device)
+        warm.append(time.perf_counter() - e0)
+    sync(device, every_stream=True)
+    warm_s = time.perf_counter() - t0
     images, times = 0, []
     start = time.perf_counter()
     while True:
@@ -114,8 +137,182 @@ def time_epochs(run_epoch: Callable[[], int], device: torch.device, *, warmup_ep
         elapsed = time.perf_counter() - start
         if len(times) >= max_epochs or (elapsed >= min_seconds and len(times) >= min_epochs):
             break
-    return {"img_per_s": images / elapsed, "images": images, "seconds": round(elapsed, 3), "epochs": len(times),
-            "epoch_s": [round(t, 4) for t in times], "warmup_s": round(warm, 3)}
+    out = {"img_per_s": images / elapsed, "images": images, "seconds": round(elapsed, 3), "epochs": len(times),
+           "epoch_s": [round(t, 4) for t in times], "warmup_s": round(warm_s, 3)}
+    if settled is not None:
+        out.update(warmup_epochs=len(warm), warmup_epoch_s=[round(t, 4) for t in warm])
+    return out
+
+
+def _dynamo_counter(group: str, key: str) -> Optional[int]:
+    """One of torch.compile's process-wide counters; None where this torch has none."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters[group][key])
+
+
+class CompileWatch:
+    """An epoch function that also counts the graphs torch.compile built by the end of each epoch
+    (dynamo's ``unique_graphs``: first compiles and recompiles alike), so a warm-up can run until
+    compiling has stopped and a row can show that its timed epochs compiled nothing.
+
+    With ``mode="reduce-overhead"`` a graph's CUDA graph is captured on its call *after* the first one (a
+    warm-up run), i.e. in the epoch after the one that compiled it; so two epochs in a row without a new
+    graph mean that every graph an epoch calls (train and eval mode, full and partial last batches) has
+    been compiled and captured, and the epochs from then on replay them.
+    """
+
+    QUIET_EPOCHS = 2
+
+    def __init__(self, run_epoch: Callable[[], int]) -> None:
+        self.run_epoch = run_epoch
+        self.marks = [_dynamo_counter("stats", "unique_graphs")]  # [0]: before the first epoch
+        self.skips0 = _dynamo_counter("inductor", "cudagraph_skips")
+
+    def __call__(self) -> int:
+        images = self.run_epoch()
+        self.marks.append(_dynamo_counter("stats", "unique_graphs"))
+        return images
+
+    def settled(self) -> bool:
+        q = self.QUIET_EPOCHS
+        return len(self.marks) > q and self.marks[-1] == self.marks[-1 - q]
+
+    def report(self, warmup_epochs: int) -> dict[str, Any]:
+        """Graphs compiled in the warm-up and after it (0 when the warm-up was long enough), and the CUDA
+        graph skips torch logged meanwhile (a skipped graph runs without CUDA graphs)."""
+        if self.marks[0] is None:
+            return {"compile_counters": "unavailable in this torch"}
+        skips = _dynamo_counter("inductor", "cudagraph_skips")
+        return {"graphs_compiled_warmup": self.marks[warmup_epochs] - self.marks[0],
+                "graphs_compiled_timed": self.marks[-1] - self.marks[warmup_epochs],
+                "cudagraph_skips": (skips or 0) - (self.skips0 or 0)}
+
+
+def _no_drain() -> dict[str, float]:
+    return {}
+
+
+@dataclass
+class Arm:
+    """One variant of an interleaved measurement: its epoch (returns the images it saw) and the wait for
+    the background work its epochs left running (returns named seconds), run outside the timed window."""
+
+    name: str
+    run_epoch: Callable[[], int]
+    drain: Callable[[], dict[str, float]] = _no_drain
+
+
+def _block(arm: Arm, epochs: int, device: torch.device) -> dict[str, Any]:
+    sync(device, every_stream=True)  # untimed: nothing left from the block before runs into this one
+    times, images = [], 0
+    for _ in range(epochs):
+        e0 = time.perf_counter()
+        images = arm.run_epoch()
+        sync(device)
+        times.append(round(time.perf_counter() - e0, 4))
+    return {"epoch_s": times, "images_per_epoch": images, **arm.drain()}
+
+
+def time_interleaved(arms: list[Arm], device: torch.device, *, rounds: int, block_epochs: int,
+                     warmup_epochs: int) -> dict[str, Any]:
+    """Epoch times of several variants measured in turns, so that drift during the run (GPU clocks and
+    temperature, other processes, the page cache), a few % between back-to-back windows, falls on every
+    variant alike instead of on whichever ran last.
+
+    Each arm first runs ``warmup_epochs`` epochs and its drain. Then each of ``rounds`` rounds runs a block
+    of ``block_epochs`` timed epochs of every arm, the order rotated by one arm per round; a block starts
+    with the device idle and every epoch ends when the training stream is done (``sync``); after each block
+    the arm's drain runs untimed, so no arm's background work (checkpoint copies and writes, uploads) runs
+    into another arm's epochs.
+
+    Returns ``orders`` (names per round) and ``arms``: per arm ``warmup_s``, ``images_per_epoch`` and
+    ``blocks`` (round, position in the round, epoch_s, the drain's numbers); an arm that raises gets
+    ``error`` and ``traceback`` and leaves the rotation, and the others go on.
+    """
+    out: dict[str, dict[str, Any]] = {arm.name: {"blocks": []} for arm in arms}
+    if not arms:
+        return {"orders": [], "arms": out}
+    live = list(arms)
+
+    def attempt(arm: Arm, fn: Callable[[], dict[str, Any]]) -> Optional[dict[str, Any]]:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others' numbers
+            out[arm.name].update(error=f"{type(err).__name__}: {err}"[:500], traceback=traceback.format_exc()[-2000:])
+            live.remove(arm)
+            return None
+
+    for arm in arms:
+        t0 = time.perf_counter()
+        warm = attempt(arm, lambda a=arm: _block(a, warmup_epochs, device)) if warmup_epochs else {}
+        if warm is not None:
+            out[arm.name]["warmup_s"] = round(time.perf_counter() - t0, 3)
+    orders = []
+    for r in range(rounds):
+        shift = r % len(arms)  # rotate over all arms, so a failed one does not change the others' turns
+        order = [arm for arm in arms[shift:] + arms[:shift] if arm in live]
+        orders.append([arm.name for arm in order])
+        for position, arm in enumerate(order):
+            block = attempt(arm, lambda a=arm: _block(a, block_epochs, device))
+            if block is not None:
+                out[arm.name]["images_per_epoch"] = block.pop("images_per_epoch")
+                out[arm.name]["blocks"].append({"round": r, "position": position, **block})
+    return {"orders": orders, "arms": out}
+
+
+def _median_per_block(blocks: list[dict[str, Any]]) -> dict[int, float]:
+    return {block["round"]: statistics.median(block["epoch_s"]) for block in blocks}
+
+
+def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[str, Any]]:
+    """Rows (the keys every timed row has: img_per_s, images, seconds, epochs, epoch_s, warmup_s) of an
+    interleaved measurement, plus medians and ratios to ``baseline``'s epoch time.
+
+    ``median_epoch_s``: over every timed epoch of the arm; ``median_epoch_s_after_first`` the same without
+    each block's first epoch (where blocks have more than one); ``ratio_of_medians`` = median /
+    baseline's median; ``round_ratios``: per round, the median of the arm's block / that of the
+    baseline's block in the same round (paired, so drift between rounds cancels), and
+    ``median_round_ratio`` their median. Drain keys (``io_drain_s`` ...) become their maximum over the
+    blocks (the per-block values stay in ``blocks``): a maximum that stays small means no pile-up.
+    Arms that failed, or measured nothing, are returned as ``{"error": ...}``.
+    """
+    arms = measured["arms"]
+    base = arms.get(baseline, {})
+    base_blocks = _median_per_block(base.get("blocks", []))
+    base_median = _median(base)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, arm in arms.items():
+        if "error" in arm or not arm["blocks"]:
+            rows[name] = {"error": arm.get("error", "no timed epochs"), "traceback": arm.get("traceback", "")}
+            continue
+        times = [t for block in arm["blocks"] for t in block["epoch_s"]]
+        images, median = arm["images_per_epoch"] * len(times), statistics.median(times)
+        row: dict[str, Any] = {
+            "img_per_s": images / sum(times), "images": images, "seconds": round(sum(times), 3), "epochs": len(times),
+            "epoch_s": times, "warmup_s": arm.get("warmup_s"), "median_epoch_s": round(median, 4),
+            "blocks": arm["blocks"]}
+        if all(len(block["epoch_s"]) > 1 for block in arm["blocks"]):
+            row["median_epoch_s_after_first"] = round(statistics.median(
+                [t for block in arm["blocks"] for t in block["epoch_s"][1:]]), 4)
+        for key in sorted({k for block in arm["blocks"] for k in block if k.endswith("_drain_s")}):
+            row[key] = max(block.get(key, 0.0) for block in arm["blocks"])
+        if base_median:
+            row["baseline"] = baseline
+            row["ratio_of_medians"] = round(median / base_median, 4)
+            mine = _median_per_block(arm["blocks"])
+            ratios = [mine[r] / base_blocks[r] for r in sorted(mine) if r in base_blocks]
+            row["round_ratios"] = [round(x, 4) for x in ratios]
+            row["median_round_ratio"] = round(statistics.median(ratios), 4) if ratios else None
+        rows[name] = row
+    return rows
+
+
+def _median(arm: dict[str, Any]) -> Optional[float]:
+    times = [t for block in arm.get("blocks", []) for t in block["epoch_s"]]
+    return statistics.median(times) if times and "error" not in arm else None
 
 
 # ---------------------------------------------------------------- loaders

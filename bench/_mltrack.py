@@ -26,7 +26,7 @@ def build(data_dir: Path, *, cache: str, image_size: int, batch_size: int, worke
                      num_workers=workers, cache=cache)
     t0 = time.perf_counter()
     loaders = build_loaders(cfg, batch_size, seed, False, device.type, splits=splits, device=device,
-                            trainer_type="mixed_precision", channels_last=True)
+                            trainer_type="mixed_precision", channels_last=True, train_dtype=torch.bfloat16)
     return loaders, time.perf_counter() - t0
 
 
@@ -115,18 +115,43 @@ class Tracking:
             hook.on_fit_start(ctx)
         return hooks
 
-    def finish(self) -> dict[str, float]:
-        """Wait for the epoch worker and the tracker's queue (still running after the timed epochs); close the run."""
+    def drain(self) -> dict[str, float]:
+        """Wait for the epoch worker and the tracker's queue (work the timed epochs left running); the
+        seconds each wait took. The run stays open: an interleaved measurement drains between blocks."""
         t0 = time.perf_counter()
         self.io.drain()
-        self.io.close()
         out = {"io_drain_s": round(time.perf_counter() - t0, 3)}
         if self.tracker is not None:
             t0 = time.perf_counter()
             self.tracker.flush()
             out["queue_drain_s"] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def finish(self) -> dict[str, float]:
+        """``drain``, then stop the epoch worker and close the MLflow run."""
+        out = self.drain()
+        self.io.close()
+        if self.tracker is not None:
             self.tracker.finish("FINISHED")
         return out
+
+
+def compile_like_run(model: nn.Module, device: torch.device, mode: str) -> nn.Module:
+    """``model`` compiled as ``run.py`` compiles it for ``training.compile: true`` and
+    ``training.compile_mode: <mode>`` (``Trainer.compile``). Lazy: the first call compiles."""
+    from mltrack.trainers import build_trainer
+
+    cfg = load_compile_config(device, mode)
+    return build_trainer(cfg.training, device).compile(model)
+
+
+def load_compile_config(device: torch.device | str, mode: str) -> Any:
+    """The RunConfig of a mixed-precision run with ``training.compile_mode=mode``; raises mltrack's
+    ConfigError (naming the valid modes) for an unknown mode."""
+    from mltrack.config import load_config
+
+    return load_config(None, ["training.trainer_type=mixed_precision", f"training.device={device}",
+                              "training.compile=true", f"training.compile_mode={mode}"])
 
 
 def tutorial_epochs(model: nn.Module, train_loader: Any, val_loader: Any, device: torch.device,

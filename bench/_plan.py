@@ -2,8 +2,9 @@
 
 1. throughput, per model: (6) ceiling bf16/fp32 -> (5) mltrack gpu / ram cache -> (1) reference fp32,
    (2) reference bf16 -> (3) timm -> (4) mltrack default (no cache); loader-only rates where they bound.
-2. hymenoptera-size epoch (train + val): tutorial loop vs mltrack cached, untracked and tracked.
-3. tracking on vs off at full size (resnet18/tiny model, cached, train + val per epoch).
+2. hymenoptera-size epoch (train + val): tutorial loop vs mltrack cached, untracked and tracked; eager, then
+   (CUDA, --hymen-compile-mode) the same three compiled in that mode (reduce-overhead: CUDA graphs).
+3. tracking on vs off at full size (resnet18/tiny model, cached, train + val per epoch), interleaved rounds.
 4. compiled: ceiling, mltrack gpu and ram, for --compile-models.
 5. decode every epoch with nvJPEG (data larger than RAM): mltrack's decode_gpu loader next to the bench-only feed.
 """
@@ -18,8 +19,12 @@ from typing import Any, Callable, Optional
 import torch
 
 from _data import make_dataset, split_files
-from _feeds import (NvjpegEveryEpoch, SyntheticBatches, build_model, make_step, place, reference_loader, shutdown,
-                    steps_epoch, time_epochs, timm_loader)
+from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build_model, interleaved_rows, make_step,
+                    place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
+
+# Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
+COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
+                "max-autotune-no-cudagraphs": "ma_nocg"}
 
 
 class Lazy:
@@ -40,6 +45,27 @@ class Lazy:
                 raise
             self.seconds = round(time.perf_counter() - t0, 2)
         return self.value
+
+
+def _arm_row(session: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
+    """A variant's row of the interleaved session; raises its error so that ``Results.measure`` records it."""
+    row = session.get(variant, {"error": "not measured"})
+    if "error" in row:
+        raise RuntimeError(row["error"])
+    return row
+
+
+def _tracking_protocol(cfg: dict[str, Any], orders: list[list[str]]) -> dict[str, Any]:
+    """How the tracking group measured (stored in its rows and in ``extra``), so a result file says it."""
+    return {"rounds": cfg["tracking_rounds"], "block_epochs": cfg["tracking_block"],
+            "warmup_epochs_per_variant": cfg["warmup"], "orders": orders, "drop_first_epoch_of_block": False,
+            "why_first_epochs_kept": "every epoch ends with the training stream finished, so each starts with an "
+            "empty queue, not only a block's first; and a block's first epoch is the one that starts a "
+            "checkpointing variant's snapshot after the drain (the next ones may defer theirs while that write "
+            "runs, as in continuous training): dropping it would hide that cost. median_epoch_s_after_first is "
+            "the median without those epochs.",
+            "judged_on": "median_round_ratio of tracked: per round, the median epoch of its block / untracked's in "
+            "the same round; then the median over rounds"}
 
 
 def _importable(module: str) -> Optional[str]:
@@ -168,7 +194,7 @@ class Plan:
             shutdown(loader.value)
 
     def hymenoptera(self, cache_dir: Path) -> None:
-        from _mltrack import Tracking, context, full_epochs, tutorial_epochs
+        from _mltrack import Tracking, compile_like_run, context, full_epochs, tutorial_epochs
 
         n_train, n_val, batch = self.cfg["hymen"]
         size = (64, 48) if self.tiny else (500, 375)
@@ -196,42 +222,106 @@ class Plan:
         cached = Lazy(lambda: self._build(mode, root, batch, ("train", "val")))
         mlflow_missing = _importable("mlflow")
 
-        def mltrack_epochs(tracked: Optional[bool]) -> dict[str, Any]:
+        def mltrack_epochs(tracked: Optional[bool], compiled: Optional[Lazy] = None) -> dict[str, Any]:
             loaders = cached.get()
             place(model, self.device, channels_last=True)
-            fit = context(model, loaders, self.device, batch)
-            tracking = Tracking(self.work, f"hymen_{tracked}", bool(tracked)) if tracked is not None else None
-            hooks = tracking.hooks(fit) if tracking else []
-            out = time_epochs(full_epochs(fit, n_train + n_val, hooks), self.device,
-                              **{**timed, "warmup_epochs": 2 * self.cfg["warmup"]})
+            compiles = compiled is not None and compiled.value is None  # this variant's warm-up compiles
+            module = compiled.get() if compiled is not None else None  # torch.compile is lazy: nothing runs yet
+            fit = context(model, loaders, self.device, batch, compiled=module)
+            label = f"hymen_{tracked}{'' if module is None else '_compiled'}"
+            tracking = Tracking(self.work, label, bool(tracked)) if tracked is not None else None
+            run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [])
+            warm: dict[str, Any] = {"warmup_epochs": 2 * self.cfg["warmup"]}
+            if module is not None:
+                # Compiling and CUDA-graph capture (train and eval, full and partial batches) stay in the
+                # warm-up: it runs until two epochs in a row compiled nothing (CompileWatch), at least 4
+                # epochs when it compiles (a capture follows the compile by one epoch), at most 15.
+                run = watch = CompileWatch(run)
+                warm = {"warmup_epochs": max(4 if compiles else 2, 2 * self.cfg["warmup"]),
+                        "settled": watch.settled, "max_warmup_epochs": 15}
+            out = time_epochs(run, self.device, **{**timed, **warm})
+            if module is not None:
+                out.update(watch.report(out["warmup_epochs"]), compile_mode=self.cfg["hymen_compile_mode"],
+                           compiled_here=compiles)
             return {**out, **(tracking.finish() if tracking else {}), "build_s": cached.seconds, "cache": loaders.cache}
 
         self.R.measure("hymenoptera", f"mltrack_{mode}", arch, lambda: mltrack_epochs(None), need_s=10)
         self.R.measure("hymenoptera", f"mltrack_{mode}_checkpoint", arch, lambda: mltrack_epochs(False), need_s=10)
         self.R.measure("hymenoptera", f"mltrack_{mode}_tracked", arch, lambda: mltrack_epochs(True),
                        unavailable=mlflow_missing, need_s=15)
+        compile_mode = self.cfg["hymen_compile_mode"]
+        if not compile_mode:
+            return
+        # The configuration a user picks for small epochs (training.compile + compile_mode), compiled once
+        # and reused by the three variants, as the compiled group does; the first one pays the compile.
+        compiled = Lazy(lambda: compile_like_run(model, self.device, compile_mode))
+        why_not = "--tiny (compiling takes minutes)" if self.tiny else self.gpu_only
+        tag = COMPILE_TAGS.get(compile_mode, compile_mode.replace("-", "_"))
+        for suffix, tracked in (("", None), ("_checkpoint", False), ("_tracked", True)):
+            self.R.measure("hymenoptera", f"mltrack_{mode}_{tag}{suffix}", arch,
+                           lambda t=tracked: mltrack_epochs(t, compiled),
+                           unavailable=why_not or (mlflow_missing if tracked else None),
+                           need_s=15 if compiled.value is not None else 180)
 
     def tracking(self) -> None:
-        from _mltrack import Tracking, context, full_epochs
-
+        """Tracking on vs off, interleaved (``_feeds.time_interleaved``): rounds of a few epochs of each
+        variant in turn, in one process, so drift between windows does not hide or fake a 1 % difference."""
         name = next(iter(self.models))
         model, mode = self.models[name], "gpu" if self.cuda else "ram"
         both = Lazy(lambda: self._build(mode, splits=("train", "val")))
-        images = self.cfg["train"] + self.cfg["val"]
-
-        def epochs(tracked: Optional[bool]) -> dict[str, Any]:
-            loaders = both.get()
-            place(model, self.device, channels_last=True)
-            fit = context(model, loaders, self.device, self.B)
-            tracking = Tracking(self.work, f"full_{tracked}", bool(tracked)) if tracked is not None else None
-            out = time_epochs(full_epochs(fit, images, tracking.hooks(fit) if tracking else []), self.device, **self.timed)
-            return {**out, **(tracking.finish() if tracking else {}), "cache": loaders.cache}
-
-        self.R.measure("tracking", "untracked", name, lambda: epochs(None), need_s=self.need + 5)
-        self.R.measure("tracking", "checkpoint_only", name, lambda: epochs(False), need_s=self.need + 5)
-        self.R.measure("tracking", "tracked", name, lambda: epochs(True), unavailable=_importable("mlflow"),
-                       need_s=self.need + 10)
+        variants: dict[str, Optional[bool]] = {"untracked": None, "checkpoint_only": False, "tracked": True}
+        unavailable = {"tracked": _importable("mlflow")}
+        wanted = {v: t for v, t in variants.items() if not unavailable.get(v) and v not in self.R.skip}
+        session = Lazy(lambda: self._interleaved(both, model, wanted))
+        for variant in variants:
+            self.R.measure("tracking", variant, name, lambda v=variant: _arm_row(session.get(), v),
+                           unavailable=unavailable.get(variant),
+                           need_s=0 if session.value is not None else len(wanted) * (self.need + 5))
         both.value = None  # frees its cache before the compiled group
+
+    def _interleaved(self, both: Lazy, model: torch.nn.Module, variants: dict[str, Optional[bool]]) -> dict[str, Any]:
+        """One FitContext, hooks and (tracked) MLflow run per variant, kept for all rounds; the model is shared.
+        Returns each variant's row (or its error), the protocol recorded in the row and in ``extra``."""
+        from _mltrack import Tracking, context, full_epochs
+
+        loaders = both.get()
+        place(model, self.device, channels_last=True)
+        images = self.cfg["train"] + self.cfg["val"]
+        arms, trackings, failed = [], {}, {}
+        try:
+            for variant, tracked in variants.items():
+                try:
+                    fit = context(model, loaders, self.device, self.B)
+                    tracking = Tracking(self.work, f"full_{variant}", bool(tracked)) if tracked is not None else None
+                    hooks = tracking.hooks(fit) if tracking else []
+                except Exception as err:  # noqa: BLE001 - e.g. the MLflow store: the other variants still run
+                    failed[variant] = f"set-up failed: {type(err).__name__}: {err}"[:500]
+                    continue
+                if tracking is not None:
+                    trackings[variant] = tracking
+                run = full_epochs(fit, images, hooks)
+                arms.append(Arm(variant, run, tracking.drain) if tracking is not None else Arm(variant, run))
+            measured = time_interleaved(arms, self.device, rounds=self.cfg["tracking_rounds"],
+                                        block_epochs=self.cfg["tracking_block"], warmup_epochs=self.cfg["warmup"])
+        finally:
+            for variant, tracking in trackings.items():
+                try:
+                    tracking.finish()
+                except Exception as err:  # noqa: BLE001 - its error was already recorded, or is recorded now
+                    failed.setdefault(variant, f"closing: {type(err).__name__}: {err}"[:500])
+        protocol = _tracking_protocol(self.cfg, measured["orders"])
+        self.R.extra["tracking_protocol"] = protocol
+        rows = interleaved_rows(measured, "untracked")
+        for variant, error in failed.items():
+            if variant in rows and "error" not in rows[variant]:
+                rows[variant]["close_error"] = error  # measured; only closing its run failed
+            elif variant not in rows:
+                rows[variant] = {"error": error}
+        for variant, row in rows.items():
+            if row.get("traceback"):  # the row that Results.measure records carries the error text only
+                self.R.extra.setdefault("tracking_tracebacks", {})[variant] = row["traceback"]
+        return {v: {**row, "cache": loaders.cache, "interleaved": protocol} if "error" not in row else row
+                for v, row in rows.items()}
 
     def compiled(self) -> None:
         for name in [n for n in self.cfg["compile"] if n in self.models]:

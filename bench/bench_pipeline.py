@@ -43,6 +43,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--groups", default=",".join(GROUPS),
                    help=f"comma list of variant groups to run, in this order (default all: {','.join(GROUPS)}); "
                         "e.g. 'compiled' alone in its own call, since compiling takes minutes")
+    p.add_argument("--hymen-compile-mode", default="reduce-overhead",
+                   help="hymenoptera group on CUDA: also measure its three mltrack variants compiled in this "
+                        "training.compile_mode ('' = none; reduce-overhead = CUDA graphs)")
+    p.add_argument("--tracking-rounds", type=int, default=None,
+                   help="tracking group: rounds of interleaved blocks (default 6: each of the 3 variants "
+                        "twice at each place in the order; --tiny 1)")
+    p.add_argument("--tracking-block", type=int, default=None,
+                   help="tracking group: epochs per variant per round (default 3; --tiny 1)")
     p.add_argument("--markdown", metavar="BENCH_JSON", help="only print a saved bench.json as Markdown (README)")
     return p.parse_args(argv)
 
@@ -52,13 +60,15 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     cores = os.cpu_count() or 2
     if args.tiny:
         base = dict(models=["tinycnn"], train=16, val=8, test=8, size=(64, 48), classes=3, batch=8, image=24,
-                    workers=1, seconds=0.0, budget=600.0, hymen=(8, 8, 4), max_epochs=1, warmup=0)
+                    workers=1, seconds=0.0, budget=600.0, hymen=(8, 8, 4), max_epochs=1, warmup=0,
+                    tracking_rounds=1, tracking_block=1)
     else:
         base = dict(models=["resnet18", "resnet50"], train=6144, val=512, test=256, size=(500, 375), classes=8,
                     batch=256, image=224, workers=max(1, cores - 1), seconds=6.0, budget=420.0,
-                    hymen=(244, 153, 32), max_epochs=60, warmup=1)
+                    hymen=(244, 153, 32), max_epochs=60, warmup=1, tracking_rounds=6, tracking_block=3)
     over = dict(models=args.models and args.models.split(","), train=args.train_images, batch=args.batch_size,
-                image=args.image_size, workers=args.workers, seconds=args.seconds, budget=args.budget_s)
+                image=args.image_size, workers=args.workers, seconds=args.seconds, budget=args.budget_s,
+                tracking_rounds=args.tracking_rounds, tracking_block=args.tracking_block)
     base.update({k: v for k, v in over.items() if v is not None})
     base["compile"] = [m for m in args.compile_models.split(",") if m] if not args.tiny else []
     base["groups"] = [g for g in args.groups.split(",") if g]
@@ -66,6 +76,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--groups: unknown {', '.join(unknown)}; valid: {', '.join(GROUPS)}")
     base["skip"] = set(filter(None, args.skip.split(",")))
+    if min(base["tracking_rounds"], base["tracking_block"]) < 1:
+        raise SystemExit("--tracking-rounds and --tracking-block must be at least 1")
+    base["hymen_compile_mode"] = args.hymen_compile_mode.strip()
+    if base["hymen_compile_mode"]:
+        from _mltrack import load_compile_config
+        from mltrack.errors import ConfigError
+
+        try:  # mltrack's own check, before minutes of other groups run
+            load_compile_config("cpu", base["hymen_compile_mode"])
+        except ConfigError as err:
+            raise SystemExit(f"--hymen-compile-mode: {err}") from None
     return base
 
 
@@ -128,7 +149,10 @@ def _fmt(row: dict[str, Any]) -> str:
     parts = [f"{row['img_per_s']:,.0f} img/s"] if "img_per_s" in row else []
     if "epoch_s" in row:
         parts.append(f"epoch {sum(row['epoch_s']) / len(row['epoch_s']):.3f}s x{len(row['epoch_s'])}")
-    parts += [f"{k}={row[k]}" for k in ("warmup_s", "build_s", "io_drain_s", "queue_drain_s") if k in row]
+    if row.get("median_round_ratio") is not None:
+        parts.append(f"median {row['median_epoch_s']:.3f}s, x{row['median_round_ratio']:.3f} untracked (per round)")
+    parts += [f"{k}={row[k]}" for k in ("warmup_s", "warmup_epochs", "graphs_compiled_timed", "build_s", "io_drain_s",
+                                         "queue_drain_s") if k in row]
     return ", ".join(parts)
 
 

@@ -1,11 +1,14 @@
 """Where the time of a small epoch goes: a hymenoptera-size epoch (244 train + 153 val images, batch 32,
 resnet18, bf16 + channels_last, GPU cache) through mltrack's ``run_epoch``, timed per phase and profiled.
 
-    python bench/profile_epoch.py [--epochs 30] [--device cuda] [--compile]
+    python bench/profile_epoch.py [--epochs 30] [--device cuda] [--compile] [--tracked] [--switch-interval S]
 
 Prints the wall time per phase (train pass, validation pass, the rest of ``run_epoch``), the time the host
 spends waiting for the GPU (``torch.cuda.synchronize`` right after each phase: what is left queued), and
-the top functions of a cProfile of the measured epochs. ``--tiny`` runs a CPU smoke version.
+the top functions of a cProfile of the measured epochs (the training thread only). ``--tracked`` adds the
+checkpoint and MLflow hooks (epoch IO on its worker thread, as ``mltrack train``); ``--switch-interval``
+sets ``sys.setswitchinterval`` (how long a thread waits for the GIL before asking its holder to let go).
+``--tiny`` runs a CPU smoke version.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
 from _data import make_dataset  # noqa: E402  (bench-local modules)
 from _feeds import build_model, place  # noqa: E402
-from _mltrack import build, context  # noqa: E402
+from _mltrack import Tracking, build, context  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +37,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as training.compile)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (as training.compile_mode)")
+    p.add_argument("--tracked", action="store_true", help="checkpoint + MLflow hooks after every epoch")
+    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     device = torch.device("cpu" if args.tiny else args.device)
     n_train, n_val, batch = (16, 8, 4) if args.tiny else (244, 153, 32)
     root = Path(tempfile.mkdtemp(prefix="profile-epoch-"))
@@ -47,6 +54,14 @@ def main() -> None:
     fit = context(model, loaders, device, batch, compiled=torch.compile(model, mode=args.compile_mode) if args.compile else None)
 
     from mltrack.trainers import loop
+
+    tracking = Tracking(root / "work", "profile", mlflow=True) if args.tracked else None
+    hooks = tracking.hooks(fit) if tracking else []
+
+    def epoch() -> None:
+        fit.last = loop.run_epoch(fit)
+        for hook in hooks:
+            hook.on_epoch_end(fit)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -67,28 +82,34 @@ def main() -> None:
         return wrapper
 
     for _ in range(5 if not args.tiny else 1):  # warm-up: cuDNN autotuning, compile, allocator
-        fit.last = loop.run_epoch(fit)
+        epoch()
     sync()
-    plain = time.perf_counter()
+    plain, times = time.perf_counter(), []
     for _ in range(args.epochs):  # without the profiler: the epoch time a user sees
-        fit.last = loop.run_epoch(fit)
-    sync()
-    print(f"epoch {1000 * (time.perf_counter() - plain) / args.epochs:.1f} ms without the profiler")
+        t0 = time.perf_counter()
+        epoch()
+        sync()
+        times.append(1000 * (time.perf_counter() - t0))
+    print(f"epoch {1000 * (time.perf_counter() - plain) / args.epochs:.1f} ms without the profiler "
+          f"(median {sorted(times)[len(times) // 2]:.1f}, min {min(times):.1f}, max {max(times):.1f} ms)")
     loop.train_epoch, loop.evaluate = timed("train", loop.train_epoch), timed("val", loop.evaluate)
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        fit.last = loop.run_epoch(fit)
+        epoch()
         sync()
         phases["rest"] += time.perf_counter() - t0
     profiler.disable()
+    if tracking:
+        print(f"after the epochs: {tracking.finish()}")
     total = time.perf_counter() - start
     loop.train_epoch, loop.evaluate = originals
     phases["rest"] -= sum(v for k, v in phases.items() if k != "rest")
     print(f"device {device} | torch {torch.__version__} | compile {args.compile} ({args.compile_mode}) | {args.epochs} epochs "
-          f"of {n_train} + {n_val} images, batch {batch}")
+          f"of {n_train} + {n_val} images, batch {batch} | tracked {args.tracked} | switch interval "
+          f"{sys.getswitchinterval()} s")
     print(f"epoch {1000 * total / args.epochs:.1f} ms (with cProfile on; it adds Python overhead)")
     for name, seconds in phases.items():
         print(f"  {name:12s} {1000 * seconds / args.epochs:7.1f} ms per epoch")

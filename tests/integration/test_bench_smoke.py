@@ -1,5 +1,7 @@
 """bench/bench_pipeline.py --tiny runs end to end on CPU: every CPU variant measures, GPU-only ones skip
-with a reason, the table and targets print, and bench.json holds what was printed."""
+with a reason, the table and targets print, and bench.json holds what was printed. Also: the interleaved
+timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
+hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size."""
 from __future__ import annotations
 
 import json
@@ -9,18 +11,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _feeds import Arm, interleaved_rows, time_interleaved  # noqa: E402  (bench-local module)
+
 CPU_VARIANTS = {"ceiling_bf16", "ceiling_fp32", "mltrack_ram", "reference_fp32", "reference_bf16", "mltrack_default"}
 GPU_ONLY = {"mltrack_gpu", "nvjpeg_every_epoch"}
 
 
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    for var in ("OUT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(var, None)
+    return env
+
+
 @pytest.mark.timeout(120)
 def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("OUT", None)
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(var, None)
+    env = _env(CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--tiny", "--out", str(tmp_path / "out"),
          "--cache-dir", str(tmp_path / ".bench")],
@@ -39,13 +50,113 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert rows[("throughput", "mltrack_default")]["cache"] == "none"
     assert rows[("hymenoptera", "tutorial_fp32")]["img_per_s"] > 0
     assert rows[("hymenoptera", "mltrack_ram_checkpoint")]["img_per_s"] > 0
+    for suffix in ("", "_checkpoint", "_tracked"):  # the CUDA-graph variants: named, skipped with the reason
+        assert rows[("hymenoptera", f"mltrack_ram_ro{suffix}")]["skipped"].startswith("--tiny")
     tracked = rows[("tracking", "tracked")]
     assert tracked.get("img_per_s", 0) > 0 and tracked["queue_drain_s"] >= 0  # mlflow is installed here
+    for name in ("untracked", "checkpoint_only", "tracked"):  # one interleaved round of one epoch each (--tiny)
+        row = rows[("tracking", name)]
+        assert [b["round"] for b in row["blocks"]] == [0] and row["epochs"] == 1 and row["images"] > 0, row
+        assert row["interleaved"]["drop_first_epoch_of_block"] is False and len(row["round_ratios"]) == 1
+    assert rows[("tracking", "untracked")]["median_round_ratio"] == 1.0
+    assert report["extra"]["tracking_protocol"]["orders"] == [["untracked", "checkpoint_only", "tracked"]]
     assert not [r for r in report["results"] if "error" in r], [r["error"] for r in report["results"] if "error" in r]
     out = proc.stdout
     assert "(1) reference: ImageFolder+PIL workers, fp32" in out and "x (1)" in out and "% of (6)" in out
     assert "targets (issue 9)" in out and "skipped: needs a CUDA device" in out
+    assert "interleaved in one process: 1 rounds x 1 epochs" in out and "median of per-round ratios" in out
+    assert "hymenoptera epoch with tracking: mltrack_ram_tracked (eager)" in out
     assert not (tmp_path / "mlruns").exists() and not list((tmp_path / ".bench" / "work").iterdir())
     md = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--markdown",
                          str(tmp_path / "out" / "bench.json")], env=env, capture_output=True, text=True, timeout=60)
     assert md.returncode == 0 and "| (1) reference: ImageFolder+PIL workers, fp32 |" in md.stdout, md.stderr[-2000:]
+
+
+def test_markdown_reads_result_files_from_before_the_interleaved_measurement() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--markdown",
+                           str(ROOT / "bench" / "results_pipeline_h100.json")], env=_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tracking on vs off: +12.1 % epoch time" in proc.stdout  # the two windows' mean epochs, as then
+    assert "hymenoptera epoch with tracking: mltrack_gpu_tracked (eager)" in proc.stdout
+
+
+def test_interleaved_turns_drains_and_a_failing_arm() -> None:
+    events: list[str] = []
+
+    def arm(name: str, fail_in_round: int = -1) -> Arm:
+        def epoch() -> int:
+            if fail_in_round >= 0 and events.count(f"drain {name}") == fail_in_round + 1:  # +1: the warm-up's
+                raise OSError("disk full")
+            events.append(name)
+            return 10
+
+        def drain() -> dict[str, float]:
+            events.append(f"drain {name}")
+            return {"io_drain_s": 0.5}
+
+        return Arm(name, epoch, drain)
+
+    measured = time_interleaved([arm("a"), arm("b"), arm("c", fail_in_round=1)], torch.device("cpu"),
+                                rounds=3, block_epochs=2, warmup_epochs=1)
+    warmup = ["a", "drain a", "b", "drain b", "c", "drain c"]
+    round0 = ["a", "a", "drain a", "b", "b", "drain b", "c", "c", "drain c"]
+    round1 = ["b", "b", "drain b", "a", "a", "drain a"]  # rotated; c raised at its first epoch: it leaves
+    round2 = ["a", "a", "drain a", "b", "b", "drain b"]  # c's turn (first) is gone, a and b keep theirs
+    assert events == warmup + round0 + round1 + round2
+    assert measured["orders"] == [["a", "b", "c"], ["b", "c", "a"], ["a", "b"]]
+    arms = measured["arms"]
+    assert [(b["round"], b["position"]) for b in arms["a"]["blocks"]] == [(0, 0), (1, 2), (2, 0)]
+    assert arms["c"]["error"] == "OSError: disk full" and len(arms["c"]["blocks"]) == 1
+    assert all(len(b["epoch_s"]) == 2 and b["io_drain_s"] == 0.5 for b in arms["a"]["blocks"])
+
+
+def test_interleaved_rows_medians_and_paired_ratios() -> None:
+    def block(r: int, times: list[float], **drains: float) -> dict:
+        return {"round": r, "position": 0, "epoch_s": times, **drains}
+
+    measured = {"orders": [], "arms": {
+        "off": {"warmup_s": 1.0, "images_per_epoch": 100,
+                "blocks": [block(0, [1.0, 1.0, 1.0]), block(1, [2.0, 2.0, 2.0])]},
+        # slower GPU in round 1 (drift) hits both: paired, each round reads +10 %
+        "on": {"warmup_s": 1.0, "images_per_epoch": 100,
+               "blocks": [block(0, [1.5, 1.1, 1.1], io_drain_s=0.2), block(1, [2.2, 2.2, 9.0], io_drain_s=0.3)]},
+        "broken": {"blocks": [], "error": "RuntimeError: x", "traceback": "tb"}}}
+    rows = interleaved_rows(measured, "off")
+    on = rows["on"]
+    assert on["epochs"] == 6 and on["images"] == 600 and on["epoch_s"] == [1.5, 1.1, 1.1, 2.2, 2.2, 9.0]
+    assert on["img_per_s"] == pytest.approx(600 / 17.1) and on["io_drain_s"] == 0.3
+    assert on["median_epoch_s"] == pytest.approx(1.85) and on["median_epoch_s_after_first"] == pytest.approx(1.65)
+    assert on["round_ratios"] == [1.1, 1.1] and on["median_round_ratio"] == pytest.approx(1.1)
+    assert on["ratio_of_medians"] == pytest.approx(1.85 / 1.5, abs=1e-4)  # rounded; unpaired: drift between rounds blurs it
+    assert rows["off"]["median_round_ratio"] == 1.0 and "io_drain_s" not in rows["off"]
+    assert rows["broken"] == {"error": "RuntimeError: x", "traceback": "tb"}
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hymenoptera_cuda_graphs_and_interleaved_tracking_on_gpu(tmp_path: Path) -> None:
+    """Reduced size (train split 512, 2 rounds x 2 epochs); the compile takes a few minutes."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--groups", "hymenoptera,tracking", "--models",
+         "resnet18", "--train-images", "512", "--seconds", "1", "--tracking-rounds", "2", "--tracking-block", "2",
+         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / ".bench")],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = {(r["group"], r["name"]): r for r in report["results"]}
+    assert not [r for r in report["results"] if "error" in r], [r["error"] for r in report["results"] if "error" in r]
+    mlflow = "mlflow not importable" not in rows[("hymenoptera", "mltrack_gpu_ro_tracked")].get("skipped", "")
+    for suffix in ("", "_checkpoint") + (("_tracked",) if mlflow else ()):
+        row = rows[("hymenoptera", f"mltrack_gpu_ro{suffix}")]
+        assert row["compile_mode"] == "reduce-overhead" and row["img_per_s"] > 0, row
+        assert row["compiled_here"] is (suffix == "") and row["warmup_epochs"] >= (4 if suffix == "" else 2), row
+        assert row["graphs_compiled_timed"] == 0, row  # compiling and capture stayed in the warm-up
+        assert row["cudagraph_skips"] == 0, row  # torch ran the graphs as CUDA graphs
+    assert rows[("hymenoptera", "mltrack_gpu_ro")]["graphs_compiled_warmup"] > 0
+    for name in ("untracked", "checkpoint_only") + (("tracked",) if mlflow else ()):
+        row = rows[("tracking", name)]
+        assert [b["round"] for b in row["blocks"]] == [0, 1] and row["epochs"] == 4, row
+        assert len(row["round_ratios"]) == 2 and row["median_round_ratio"] > 0, row
+    assert "hymenoptera epoch with tracking: mltrack_gpu_ro" in proc.stdout or not mlflow
