@@ -108,9 +108,10 @@ class Tracking:
         self.io = EpochIO()
         run_id = self.tracker.run_id if self.tracker is not None else "none"
         meta = {"split_digest": "bench", "dataset_fingerprint": "bench", "mlflow_run_id": run_id}
-        hooks: list[Any] = [CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)]
-        if self.tracker is not None:
-            hooks.append(TrackingHook(self.tracker, confusion_every_epoch=False, io=self.io))
+        self.checkpoints = CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)
+        hooks: list[Any] = [self.checkpoints]
+        if self.tracker is not None:  # holds a deferred epoch's metrics until a later checkpoint, as run.py wires it
+            hooks.append(TrackingHook(self.tracker, confusion_every_epoch=False, io=self.io, checkpoints=self.checkpoints))
         for hook in hooks:
             hook.on_fit_start(ctx)
         return hooks
@@ -120,7 +121,7 @@ class Tracking:
         seconds each wait took. The run stays open: an interleaved measurement drains between blocks."""
         t0 = time.perf_counter()
         self.io.drain()
-        out = {"io_drain_s": round(time.perf_counter() - t0, 3)}
+        out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
         if self.tracker is not None:
             t0 = time.perf_counter()
             self.tracker.flush()

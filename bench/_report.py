@@ -85,6 +85,8 @@ def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
         e = _epoch(row)
         extra = "".join(f"  {label} {row[key]} s" for key, label in (("io_drain_s", "epoch IO drain after"),
                                                                          ("queue_drain_s", "upload queue drain after")) if key in row)
+        if "checkpoints_queued" in row:
+            extra += f"  checkpoints queued {row['checkpoints_queued']}"
         if "compile_mode" in row:  # its warm-up: compiling + CUDA-graph capture when this variant compiled
             extra += (f"  warm-up {row['warmup_s']} s ({row.get('warmup_epochs', '?')} epochs, "
                       f"{'compiling' if row.get('compiled_here') else 'already compiled'}; "
@@ -110,6 +112,8 @@ def _tracking(R: Any) -> None:
         per_round = f"{rounds} ({row['median_round_ratio']:.3f})" if row.get("median_round_ratio") else "-"
         ratio = f"{row['ratio_of_medians']:.3f}" if "ratio_of_medians" in row else "-"
         drains = (f"{row['io_drain_s']:.3f} / {row.get('queue_drain_s', '-')} s" if "io_drain_s" in row else "-")
+        if "checkpoints_queued" in row:
+            drains += f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up epochs"
         print(f"  {row['name']:16s} {row['img_per_s']:9,.0f} {row['median_epoch_s']:9.4f} {ratio:>12s} "
               f"{per_round:>34s}  {drains}")
 
