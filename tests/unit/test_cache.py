@@ -276,3 +276,19 @@ def test_training_with_the_cache_resumes_exactly(tmp_path: Path, monkeypatch: py
     assert [r["train/loss"] for r in got["progress"]["history"]] == [r["train/loss"] for r in want["progress"]["history"]]
     assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
     assert torch.equal(got["rng"]["loader"], want["rng"]["loader"])
+
+
+@pytest.mark.parametrize("parts", [1, 3, 8])
+def test_gather_rows_equals_index_select(parts: int) -> None:
+    """The RAM stager's threaded gather: any split of the rows gives pixels[idx], repeats included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mltrack.data.cache import gather_rows
+
+    g = torch.Generator().manual_seed(parts)
+    pixels = torch.randint(0, 256, (20, 3, 5, 7), dtype=torch.uint8, generator=g)
+    idx = torch.tensor([19, 0, 3, 3, 7, 12, 0, 5, 18, 2, 11])
+    out = torch.zeros((len(idx), 3, 5, 7), dtype=torch.uint8)
+    with ThreadPoolExecutor(parts) as pool:
+        gather_rows(pool, parts, pixels, idx, out)
+    assert torch.equal(out, pixels.index_select(0, idx))
