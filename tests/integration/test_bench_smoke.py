@@ -74,11 +74,20 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
 
 def test_markdown_reads_result_files_from_before_the_interleaved_measurement() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--markdown",
-                           str(ROOT / "bench" / "results_pipeline_h100.json")], env=_env(), capture_output=True,
-                          text=True, timeout=60)
+                           str(ROOT / "bench" / "results_pipeline_prev_round_h100.json")], env=_env(),
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tracking on vs off: +12.1 % epoch time" in proc.stdout  # the two windows' mean epochs, as then
     assert "hymenoptera epoch with tracking: mltrack_gpu_tracked (eager)" in proc.stdout
+
+
+def test_markdown_reads_an_interleaved_result_file() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--markdown",
+                           str(ROOT / "bench" / "results_pipeline_small_tracking_h100.json")], env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "median of per-round ratios over 6 rounds" in proc.stdout
+    assert "mltrack_gpu_ro_tracked (compile_mode reduce-overhead) 0.052 s" in proc.stdout
 
 
 def test_interleaved_turns_drains_and_a_failing_arm() -> None:
