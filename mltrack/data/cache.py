@@ -19,7 +19,8 @@ already runs OpenMP threads can deadlock. What is stored (uint8, CHW, square):
   when cut from the full-size original.
 
 Keep: ``gpu`` holds the cache in device memory; ``ram`` in ordinary host memory, a background thread
-gathering the next batches into a few pinned buffers and copying them on a side stream, ahead of use
+gathering the next batches into a few pinned buffers (the rows split over ``GATHER_THREADS`` threads) and
+copying them on a side stream, ahead of use
 (only those buffers are page-locked, so a large cache pins nothing and is not rounded up by the
 pinned-memory allocator).
 
