@@ -106,25 +106,12 @@ if triton is not None:
         acc2 = tl.zeros([BLOCK], dtype=tl.float32)
         for iy in range(0, grid_h):
             y = start_y + oy * bin_h + (iy + 0.5) * bin_h / grid_h.to(tl.float32)
-            y_out = (y < -1.0) | (y > hf)
-            y = tl.maximum(y, 0.0)
-            y_low = y.to(tl.int32)
-            y_edge = y_low >= H - 1
-            y_low = tl.where(y_edge, H - 1, y_low)
-            y_high = tl.where(y_edge, H - 1, y_low + 1)
-            y = tl.where(y_edge, y_low.to(tl.float32), y)
-            ly = y - y_low.to(tl.float32)
+            y_out, y_low, y_high, ly = _axis(y, H)
             hy = 1.0 - ly
             for ix in range(0, grid_w):
                 x = start_x + ox * bin_w + (ix + 0.5) * bin_w / grid_w.to(tl.float32)
-                out_of_range = y_out | (x < -1.0) | (x > wf)
-                x = tl.maximum(x, 0.0)
-                x_low = x.to(tl.int32)
-                x_edge = x_low >= W - 1
-                x_low = tl.where(x_edge, W - 1, x_low)
-                x_high = tl.where(x_edge, W - 1, x_low + 1)
-                x = tl.where(x_edge, x_low.to(tl.float32), x)
-                lx = x - x_low.to(tl.float32)
+                x_out, x_low, x_high, lx = _axis(x, W)
+                out_of_range = y_out | x_out
                 hx = 1.0 - lx
                 w1 = tl.where(out_of_range, 0.0, hy * hx)
                 w2 = tl.where(out_of_range, 0.0, hy * lx)
@@ -144,6 +131,20 @@ if triton is not None:
         tl.store(dst + o_c, (acc1 / count * tl.load(scale_ptr + 1) + tl.load(shift_ptr + 1)).to(out_ty), mask=inside)
         tl.store(dst + 2 * o_c, (acc2 / count * tl.load(scale_ptr + 2) + tl.load(shift_ptr + 2)).to(out_ty),
                  mask=inside)
+
+    @triton.jit
+    def _axis(c, n):
+        """roi_align's rules for one sample coordinate ``c`` on an axis of ``n`` pixels: (outside, low pixel,
+        high pixel, weight of the high one). Outside [-1, n] it contributes 0; it is clamped at 0, and from
+        pixel n - 1 on both neighbours are the last pixel."""
+        outside = (c < -1.0) | (c > n.to(tl.float32))
+        c = tl.maximum(c, 0.0)
+        low = c.to(tl.int32)
+        edge = low >= n - 1
+        low = tl.where(edge, n - 1, low)
+        high = tl.where(edge, n - 1, low + 1)
+        c = tl.where(edge, low.to(tl.float32), c)
+        return outside, low, high, c - low.to(tl.float32)
 
     @triton.jit
     def _taps(plane, r_low, r_high, c_low, c_high, w1, w2, w3, w4, mask):
