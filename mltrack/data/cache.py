@@ -370,6 +370,8 @@ class PlannedLoader:
         self.generator, self.weights, self.channels_last, self.dtype = generator, weights, channels_last, dtype
         self.num_workers, self.dataset = num_workers, dataset
         self.pin_memory = device.type == "cuda"
+        # Decided once: the imagenet train geometry on a GPU is the fused kernel (mltrack.data.gpu_crop).
+        self._fused = train and recipe == "imagenet" and gpu_crop.available(device)
         mean, std = normalization(recipe)
         self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
@@ -388,6 +390,13 @@ class PlannedLoader:
             order = torch.randperm(n, generator=self.generator)
         return order, sample_params(self.recipe, self.sizes[order], self.image_size, self.generator)
 
+    def device_plan(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`epoch_plan` as the loaders use it: the order on the CPU and on the device, and the
+        parameters on the device as float32, the precision every augmentation computes in (converted once
+        per epoch rather than per batch)."""
+        order, params = self.epoch_plan()
+        return order, self._to_device(order), self._to_device(params.float() if params is not None else None)
+
     def _to_device(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if t is None or self.device.type != "cuda":
             return t
@@ -399,7 +408,7 @@ class PlannedLoader:
         The imagenet train geometry on a GPU is one fused kernel (:mod:`mltrack.data.gpu_crop`), reading the
         cache by index; everything else gathers, augments and normalises in separate passes.
         """
-        if params is not None and self.recipe == "imagenet" and gpu_crop.available(src.device):
+        if params is not None and self._fused:
             return gpu_crop.resized_crop(src, rows, params, self.image_size, self._scale, self._shift,
                                          dtype=self.dtype, channels_last=self.channels_last)
         if rows is not None:
@@ -427,8 +436,7 @@ class CachedLoader(PlannedLoader):
         self._streamed = split.pixels.device.type == "cpu" and self.device.type == "cuda"  # ram cache feeding a GPU
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, params = self.epoch_plan()
-        order_dev, params_dev = self._to_device(order), self._to_device(params)
+        order, order_dev, params_dev = self.device_plan()
         bs = self.batch_size
         stager = _Stager(self.split.pixels, order, bs, self.device) if self._streamed else None
         sources = iter(stager) if stager is not None else None
@@ -490,7 +498,8 @@ class _Stager:
         self.batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
         self.stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max(1, GATHER_THREADS), thread_name_prefix="mltrack-cache-gather")
+        self._pool = ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="mltrack-cache-gather") if (
+            GATHER_THREADS > 0) else None
         self.thread = threading.Thread(target=self._run, name="mltrack-cache-stager", daemon=True)
         self.thread.start()
 
@@ -504,7 +513,7 @@ class _Stager:
                 if done[0] is not None:
                     done[0].synchronize()  # its previous copy has left the buffer
                 staged = buf[:len(idx)]
-                if GATHER_THREADS > 0:
+                if self._pool is not None:
                     gather_rows(self._pool, GATHER_THREADS, self.pixels, idx, staged)
                 else:
                     torch.index_select(self.pixels, 0, idx, out=staged)
@@ -530,7 +539,8 @@ class _Stager:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- building

@@ -228,8 +228,7 @@ class DecodeLoader(PlannedLoader):
         self.cpu_decoded = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, params = self.epoch_plan()
-        order_dev, params_dev = self._to_device(order), self._to_device(params)
+        order, order_dev, params_dev = self.device_plan()
         bs = self.batch_size
         batches = [order[i:i + bs].tolist() for i in range(0, len(order), bs)]
         reader = _Reader(self.files, batches, self.geom, self.max_pixels, self.threads)
