@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from mltrack.errors import CheckpointError
-from mltrack.snapshot import Snapshot, snapshot, start_snapshot  # noqa: F401 - re-exported, hooks use them
 
 SCHEMA = 1
 MANIFEST_SUFFIX = ".sha256"

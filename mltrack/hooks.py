@@ -26,6 +26,7 @@ from mltrack import checkpoint
 from mltrack.config import config_hash, to_dict
 from mltrack.console import get_logger, success
 from mltrack.epoch_io import EpochIO, faults_on
+from mltrack.snapshot import Snapshot, start_snapshot
 from mltrack.errors import CheckpointError
 from mltrack.trainers.loop import FitContext, fault
 
@@ -74,7 +75,7 @@ class CheckpointHook(Hook):
     still verifies (the same protocol as ``checkpoint.save``, across the network).
 
     At the end of an epoch only a CPU snapshot of the state is started on the training thread (device
-    clones, then host copies on a side stream: ``checkpoint.start_snapshot``, synchronous under inline IO);
+    clones, then host copies on a side stream: ``snapshot.start_snapshot``, synchronous under inline IO);
     waiting for it, rotation, write, ``best.pt`` link and upload queueing run as one job on ``io`` while
     the next epoch trains.
     ``rotated``, ``last_digest`` and ``stored`` belong to that job (one worker, FIFO): the training
@@ -142,12 +143,12 @@ class CheckpointHook(Hook):
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
         # Inline IO (fault injection, MLTRACK_SYNC_EPOCH_IO) keeps the copy synchronous: the state is complete
         # where the epoch ends, as crash points and debugging expect.
-        snap = checkpoint.start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
+        snap = start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
         self.queued_at = time.monotonic()
         self.queued += 1
         self.io.submit(self._epoch_job, snap, improved, ctx.state.epoch - 1, bounded=True)
 
-    def _epoch_job(self, snap: checkpoint.Snapshot, improved: bool, epoch: int) -> None:
+    def _epoch_job(self, snap: Snapshot, improved: bool, epoch: int) -> None:
         start = time.monotonic()
         state = snap.wait()  # outside _checkpoint_errors: a CUDA error surfacing here is not the disk's
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):

@@ -1,4 +1,4 @@
-"""Issue 9, checkpoint snapshots off the critical path: ``checkpoint.start_snapshot`` queues the copy of a
+"""Issue 9, checkpoint snapshots off the critical path: ``snapshot.start_snapshot`` queues the copy of a
 training state and returns; ``Snapshot.wait()`` (on the writer thread) hands out a copy equal to the state
 at call time, whatever the training stream did to the tensors since."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from mltrack import checkpoint
 from mltrack.hooks import CheckpointHook, EpochIO
+from mltrack.snapshot import snapshot, start_snapshot
 from tests.unit.test_epoch_io import _ctx
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -75,8 +76,8 @@ def _assert_tied(snap: dict[str, Any]) -> None:
 
 def test_start_snapshot_of_a_cpu_state_equals_snapshot_and_is_complete_at_once() -> None:
     state = _mixed_state("cpu")
-    expected = checkpoint.snapshot(state)
-    pending = checkpoint.start_snapshot(state)
+    expected = snapshot(state)
+    pending = start_snapshot(state)
     assert not pending.background  # nothing to copy from a device: no copy in flight
     snap = pending.wait()
 
@@ -144,12 +145,12 @@ def _assert_pinned(snap: Any) -> None:
 def test_background_snapshot_holds_the_state_at_call_time_despite_later_in_place_updates() -> None:
     state = _cuda_train_state()
     before = _map_tensors(state, _host_copy)
-    checkpoint.start_snapshot(state, headroom_bytes=0).wait()  # warm: side stream, pinned and device caches
+    start_snapshot(state, headroom_bytes=0).wait()  # warm: side stream, pinned and device caches
 
     _queue_busy_work()
     for t in _cuda_tensors(state):  # an optimizer step queued, not run yet: the snapshot must include it
         t.mul_(2)
-    pending = checkpoint.start_snapshot(state, headroom_bytes=0)
+    pending = start_snapshot(state, headroom_bytes=0)
     returned_while_busy = not torch.cuda.current_stream().query()  # the call did not wait for the GPU
     for t in _cuda_tensors(state):  # the next step, in place, right after the call
         t.add_(1)
@@ -168,7 +169,7 @@ def test_without_room_for_the_clones_the_copy_is_synchronous() -> None:
     state = _cuda_train_state()
     before = _map_tensors(state, _host_copy)
     _queue_busy_work()
-    pending = checkpoint.start_snapshot(state, headroom_bytes=1 << 62)  # more than any device has free
+    pending = start_snapshot(state, headroom_bytes=1 << 62)  # more than any device has free
     assert torch.cuda.current_stream().query()  # the training stream was waited for, as snapshot() does
     assert not pending.background
     for t in _cuda_tensors(state):
@@ -181,11 +182,11 @@ def test_without_room_for_the_clones_the_copy_is_synchronous() -> None:
 @cuda
 def test_background_snapshot_keeps_ties_types_and_dtypes() -> None:
     state = _mixed_state("cuda")
-    pending = checkpoint.start_snapshot(state, headroom_bytes=0)
+    pending = start_snapshot(state, headroom_bytes=0)
     assert pending.background
     snap = pending.wait()
     _assert_same(snap, state)  # bf16, int64 beyond 32 bits, the transposed tensor's values and shape
-    _assert_same(snap, checkpoint.snapshot(state))
+    _assert_same(snap, snapshot(state))
     _assert_tied(snap)
     assert snap["pair"].first.is_pinned() and snap["transposed"].is_pinned()
 

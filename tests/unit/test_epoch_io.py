@@ -1,5 +1,5 @@
 """Issue 9, epoch side effects off the training thread: ``EpochIO`` (FIFO, errors, bound, inline modes),
-``checkpoint.snapshot`` (a copy later training cannot change), and a real training run whose checkpoint,
+``snapshot.snapshot`` (a copy later training cannot change), and a real training run whose checkpoint,
 metrics and commit tag of each epoch leave the training thread in the order RELIABILITY rule 4 needs."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from mltrack import checkpoint
 from mltrack.config import load_config
 from mltrack.errors import CheckpointError
 from mltrack.hooks import CheckpointHook, EpochIO, TrackingHook
+from mltrack.snapshot import snapshot
 from mltrack.trainers.loop import EpochOutput, FitContext
 
 IO_THREAD = "mltrack-epoch-io"
@@ -173,7 +174,7 @@ def test_snapshot_is_independent_of_later_in_place_training() -> None:
              "pair": (torch.ones(2), 3), "meta": None}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
-    snap = checkpoint.snapshot(state)
+    snap = snapshot(state)
 
     _step(model, optimizer)  # in-place updates of weights and optimizer moments
     history.append({"epoch": 1.0, "train/loss": 0.5})
@@ -194,7 +195,7 @@ def test_snapshot_is_independent_of_later_in_place_training() -> None:
 
 def test_snapshot_keeps_tied_tensors_shared() -> None:
     shared = torch.rand(3)
-    snap = checkpoint.snapshot({"a": shared, "b": [shared]})
+    snap = snapshot({"a": shared, "b": [shared]})
     assert snap["a"] is snap["b"][0] and snap["a"] is not shared
 
 
@@ -202,7 +203,7 @@ def test_snapshot_keeps_tied_tensors_shared() -> None:
 def test_snapshot_of_cuda_tensors_is_pinned_cpu_and_complete() -> None:
     model = torch.nn.Linear(256, 256).cuda()
     before = {k: v.cpu() for k, v in model.state_dict().items()}
-    snap = checkpoint.snapshot(model.state_dict())
+    snap = snapshot(model.state_dict())
     with torch.no_grad():
         model.weight.mul_(0)
     for key, value in snap.items():
