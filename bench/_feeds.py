@@ -299,8 +299,9 @@ def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[
                 [t for block in arm["blocks"] for t in block["epoch_s"][1:]]), 4)
         for key in sorted({k for block in arm["blocks"] for k in block if k.endswith("_drain_s")}):
             row[key] = max(block.get(key, 0.0) for block in arm["blocks"])
-        if any("checkpoints_queued" in block for block in arm["blocks"]):  # a running count: the last is the total
-            row["checkpoints_queued"] = arm["blocks"][-1].get("checkpoints_queued")
+        for key in ("checkpoints_queued", "figures"):  # running counts: the last block's is the total
+            if any(key in block for block in arm["blocks"]):
+                row[key] = arm["blocks"][-1].get(key)
         if base_median:
             row["baseline"] = baseline
             row["ratio_of_medians"] = round(median / base_median, 4)

@@ -82,8 +82,11 @@ class Tracking:
     """The hooks ``run.py`` installs (checkpoint write + upload, per-epoch metrics) on a real MLflow run in a
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
 
-    def __init__(self, workdir: Path, name: str, mlflow: bool) -> None:
+    def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None) -> None:
+        """``figures``: None, or the default config's per-epoch confusion figure (MLflow + TensorBoard, with
+        TensorBoard scalars) rendered in a child process (``"process"``) or on the epoch-IO worker (``"inline"``)."""
         self.workdir = Path(workdir) / name
+        self.figures = figures
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tracker = None
         if mlflow:
@@ -103,7 +106,8 @@ class Tracking:
         """The hooks with one EpochIO worker, as ``run.py`` wires them: the checkpoint write, its upload and
         the metrics run behind the training thread; a worker slower than the epochs blocks the next
         checkpoint copy, so it shows in the timed epochs."""
-        from mltrack.hooks import CheckpointHook, EpochIO, TrackingHook
+        from mltrack.figures import EpochFigures, mlflow_sink, tensorboard_sink
+        from mltrack.hooks import CheckpointHook, EpochIO, FiguresHook, TensorBoardHook, TrackingHook
 
         self.io = EpochIO()
         run_id = self.tracker.run_id if self.tracker is not None else "none"
@@ -111,7 +115,14 @@ class Tracking:
         self.checkpoints = CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)
         hooks: list[Any] = [self.checkpoints]
         if self.tracker is not None:  # holds a deferred epoch's metrics until a later checkpoint, as run.py wires it
-            hooks.append(TrackingHook(self.tracker, confusion_every_epoch=False, io=self.io, checkpoints=self.checkpoints))
+            hooks.append(TrackingHook(self.tracker, io=self.io, checkpoints=self.checkpoints))
+        self.figures_hook = None
+        if self.figures is not None and self.tracker is not None:  # the default config: figures + TensorBoard
+            tb = TensorBoardHook(self.workdir / "tensorboard", self.io)
+            figures = EpochFigures([mlflow_sink(self.tracker), tensorboard_sink(lambda: tb.writer)],
+                                   separate_process=self.figures == "process")
+            self.figures_hook = FiguresHook(figures, self.io)
+            hooks += [self.figures_hook, tb]
         for hook in hooks:
             hook.on_fit_start(ctx)
         return hooks
@@ -120,8 +131,13 @@ class Tracking:
         """Wait for the epoch worker and the tracker's queue (work the timed epochs left running); the
         seconds each wait took. The run stays open: an interleaved measurement drains between blocks."""
         t0 = time.perf_counter()
+        if self.figures_hook is not None:  # renders still running in the child process are delivered too
+            self.io.submit(self.figures_hook.figures.deliver, True)
         self.io.drain()
         out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
+        if self.figures_hook is not None:
+            figures = self.figures_hook.figures
+            out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"
         if self.tracker is not None:
             t0 = time.perf_counter()
             self.tracker.flush()
@@ -131,6 +147,8 @@ class Tracking:
     def finish(self) -> dict[str, float]:
         """``drain``, then stop the epoch worker and close the MLflow run."""
         out = self.drain()
+        if self.figures_hook is not None:
+            self.figures_hook.close()
         self.io.close()
         if self.tracker is not None:
             self.tracker.finish("FINISHED")

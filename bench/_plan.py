@@ -22,6 +22,14 @@ from _data import make_dataset, split_files
 from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build_model, interleaved_rows, make_step,
                     place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
 
+# The tracking group's variants: None (no hooks) or (MLflow on, per-epoch figures: None | "process" | "inline").
+# tracked_default is what `mltrack train` does with the default config on a GPU (checkpoints, MLflow metrics and
+# uploads, a confusion-matrix figure per epoch for MLflow and TensorBoard, rendered in a child process);
+# tracked_default_inline renders those figures on the epoch-IO thread instead, as before that process existed.
+TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str]]]] = {
+    "untracked": None, "checkpoint_only": (False, None), "tracked": (True, None),
+    "tracked_default": (True, "process"), "tracked_default_inline": (True, "inline")}
+
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
                 "max-autotune-no-cudagraphs": "ma_nocg"}
@@ -64,8 +72,8 @@ def _tracking_protocol(cfg: dict[str, Any], orders: list[list[str]]) -> dict[str
             "checkpointing variant's snapshot after the drain (the next ones may defer theirs while that write "
             "runs, as in continuous training): dropping it would hide that cost. median_epoch_s_after_first is "
             "the median without those epochs.",
-            "judged_on": "median_round_ratio of tracked: per round, the median epoch of its block / untracked's in "
-            "the same round; then the median over rounds"}
+            "judged_on": "median_round_ratio of tracked_default (tracked where absent): per round, the median epoch "
+            "of its block / untracked's in the same round; then the median over rounds"}
 
 
 def _importable(module: str) -> Optional[str]:
@@ -269,8 +277,8 @@ class Plan:
         name = next(iter(self.models))
         model, mode = self.models[name], "gpu" if self.cuda else "ram"
         both = Lazy(lambda: self._build(mode, splits=("train", "val")))
-        variants: dict[str, Optional[bool]] = {"untracked": None, "checkpoint_only": False, "tracked": True}
-        unavailable = {"tracked": _importable("mlflow")}
+        variants: dict[str, Optional[tuple[bool, Optional[str]]]] = dict(TRACKING_VARIANTS)
+        unavailable = {v: _importable("mlflow") for v, spec in variants.items() if spec is not None and spec[0]}
         wanted = {v: t for v, t in variants.items() if not unavailable.get(v) and v not in self.R.skip}
         session = Lazy(lambda: self._interleaved(both, model, wanted))
         for variant in variants:
@@ -279,7 +287,8 @@ class Plan:
                            need_s=0 if session.value is not None else len(wanted) * (self.need + 5))
         both.value = None  # frees its cache before the compiled group
 
-    def _interleaved(self, both: Lazy, model: torch.nn.Module, variants: dict[str, Optional[bool]]) -> dict[str, Any]:
+    def _interleaved(self, both: Lazy, model: torch.nn.Module,
+                     variants: dict[str, Optional[tuple[bool, Optional[str]]]]) -> dict[str, Any]:
         """One FitContext, hooks and (tracked) MLflow run per variant, kept for all rounds; the model is shared.
         Returns each variant's row (or its error), the protocol recorded in the row and in ``extra``."""
         from _mltrack import Tracking, context, full_epochs
@@ -289,10 +298,10 @@ class Plan:
         images = self.cfg["train"] + self.cfg["val"]
         arms, trackings, failed = [], {}, {}
         try:
-            for variant, tracked in variants.items():
+            for variant, spec in variants.items():
                 try:
                     fit = context(model, loaders, self.device, self.B)
-                    tracking = Tracking(self.work, f"full_{variant}", bool(tracked)) if tracked is not None else None
+                    tracking = Tracking(self.work, f"full_{variant}", *spec) if spec is not None else None
                     hooks = tracking.hooks(fit) if tracking else []
                 except Exception as err:  # noqa: BLE001 - e.g. the MLflow store: the other variants still run
                     failed[variant] = f"set-up failed: {type(err).__name__}: {err}"[:500]

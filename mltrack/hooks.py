@@ -1,7 +1,7 @@
 """Side effects of an epoch: checkpoints, MLflow, TensorBoard, console. The loop knows none of them.
 
 Order matters and is fixed in ``run.py``: checkpoint (write + queue upload) -> MLflow metrics ->
-commit tag -> TensorBoard -> console. The checkpoint, MLflow and TensorBoard work of an epoch runs as
+commit tag -> confusion-matrix figures -> TensorBoard -> console. The checkpoint, MLflow and TensorBoard work of an epoch runs as
 jobs on one :class:`EpochIO` worker thread, in that order, while the next epoch trains; what each job
 needs is captured on the training thread at the end of the epoch (the checkpoint as a CPU snapshot, whose
 host copies may still be in flight on a side stream: the job waits for them).
@@ -28,9 +28,11 @@ from mltrack.console import get_logger, success
 from mltrack.epoch_io import EpochIO, faults_on
 from mltrack.snapshot import Snapshot, start_snapshot
 from mltrack.errors import CheckpointError
+from mltrack.figures import EpochFigures
 from mltrack.trainers.loop import FitContext, fault
 
-__all__ = ["CheckpointHook", "ConsoleHook", "EpochIO", "Heartbeat", "Hook", "TensorBoardHook", "TrackingHook"]
+__all__ = ["CheckpointHook", "ConsoleHook", "EpochIO", "FiguresHook", "Heartbeat", "Hook", "TensorBoardHook",
+           "TrackingHook"]
 
 log = get_logger()
 
@@ -232,14 +234,12 @@ class TrackingHook(Hook):
     An epoch's logging is a job on ``io``, queued after that epoch's checkpoint job.
     """
 
-    def __init__(self, tracker: Any, confusion_every_epoch: bool, io: EpochIO | None = None,
-                 checkpoints: CheckpointHook | None = None) -> None:
+    def __init__(self, tracker: Any, io: EpochIO | None = None, checkpoints: CheckpointHook | None = None) -> None:
         self.tracker = tracker
-        self.confusion_every_epoch = confusion_every_epoch
         self.io = io if io is not None else EpochIO(inline=True)
         self.checkpoints = checkpoints  # whose ``deferred`` holds an epoch's metrics back
         self.logged: set[int] = set()
-        self.held: list[tuple[int, dict[str, float], torch.Tensor | None]] = []  # epochs without a checkpoint yet
+        self.held: list[tuple[int, dict[str, float]]] = []  # epochs without a checkpoint yet
 
     def on_fit_start(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process:
@@ -256,8 +256,7 @@ class TrackingHook(Hook):
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process or ctx.last is None:
             return
-        val_cm = ctx.last.val_cm.clone() if self.confusion_every_epoch else None
-        self.held.append((ctx.state.epoch - 1, dict(ctx.last.metrics), val_cm))
+        self.held.append((ctx.state.epoch - 1, dict(ctx.last.metrics)))
         if self.checkpoints is None or not self.checkpoints.deferred:
             self._release(ctx)
 
@@ -272,11 +271,10 @@ class TrackingHook(Hook):
 
     def _release(self, ctx: FitContext) -> None:
         held, self.held = self.held, []
-        for step, metrics, val_cm in held:
-            self.io.submit(self._epoch_job, step, metrics, val_cm, list(ctx.class_names))
+        for step, metrics in held:
+            self.io.submit(self._epoch_job, step, metrics)
 
-    def _epoch_job(self, step: int, metrics: dict[str, float], val_cm: torch.Tensor | None,
-                   class_names: list[str]) -> None:
+    def _epoch_job(self, step: int, metrics: dict[str, float]) -> None:
         if step in self.logged:
             log.info("metrics of epoch %d are already in the run (an earlier attempt logged them); "
                      "not logging them twice", step)
@@ -286,11 +284,6 @@ class TrackingHook(Hook):
         if faults_on():
             self.tracker.flush()
         fault("after_metrics_log", step)
-        if val_cm is not None:
-            from mltrack.metrics import confusion_matrix_figure
-
-            fig = confusion_matrix_figure(val_cm, class_names, f"val, epoch {step}")
-            self.tracker.log_figure(fig, f"plots/epochs/confusion_matrix_val_{step:04d}.png")
         self.tracker.set_tags({"mltrack.committed_step": str(step)})
         if faults_on():
             self.tracker.flush()
@@ -298,9 +291,8 @@ class TrackingHook(Hook):
 
 
 class TensorBoardHook(Hook):
-    """Scalars and confusion matrices under ``<run_dir>/tensorboard`` for ``tensorboard --logdir runs/``.
-
-    Each epoch's writing (the figure rendering included) and the final close are jobs on ``io``."""
+    """Scalars under ``<run_dir>/tensorboard`` for ``tensorboard --logdir runs/`` (the confusion-matrix
+    images come through :class:`FiguresHook`). Each epoch's writing and the final close are jobs on ``io``."""
 
     def __init__(self, log_dir: Path, io: EpochIO | None = None) -> None:
         self.log_dir = log_dir
@@ -316,21 +308,43 @@ class TensorBoardHook(Hook):
     def on_epoch_end(self, ctx: FitContext) -> None:
         if self.writer is None or ctx.last is None:
             return
-        self.io.submit(self._epoch_job, ctx.state.epoch - 1, dict(ctx.last.metrics), ctx.last.val_cm.clone(),
-                       list(ctx.class_names))
+        self.io.submit(self._epoch_job, ctx.state.epoch - 1, dict(ctx.last.metrics))
 
-    def _epoch_job(self, step: int, metrics: dict[str, float], val_cm: torch.Tensor, class_names: list[str]) -> None:
+    def _epoch_job(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
-        from mltrack.metrics import confusion_matrix_figure
-
-        self.writer.add_figure("confusion_matrix/val", confusion_matrix_figure(val_cm, class_names,
-                                                                               f"val, epoch {step}"), step)
         self.writer.flush()
 
     def on_fit_end(self, ctx: FitContext) -> None:
         if self.writer is not None:
             self.io.submit(self.writer.close)  # after this hook's queued epochs
+
+
+class FiguresHook(Hook):
+    """Each epoch's validation confusion matrix as one figure for MLflow (``tracking.confusion_every_epoch``)
+    and TensorBoard (``tracking.tensorboard``), rendered by :class:`mltrack.figures.EpochFigures` (in a child
+    process when training on a GPU). The matrix is handed over at the epoch end; finished figures are
+    delivered by jobs on ``io``. Placed before the TensorBoard hook, so that the last figures are delivered
+    before its writer closes; :meth:`close` (always, in ``run.py``) stops the renderer process."""
+
+    def __init__(self, figures: EpochFigures, io: EpochIO | None = None) -> None:
+        self.figures = figures
+        self.io = io if io is not None else EpochIO(inline=True)
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if not ctx.trainer.is_main_process or ctx.last is None:
+            return
+        self.figures.offer(ctx.state.epoch - 1, ctx.last.val_cm.tolist(), list(ctx.class_names))
+        self.io.submit(self.figures.deliver)
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        if ctx.trainer.is_main_process:
+            self.io.submit(self.figures.deliver, True)
+
+    on_interrupt = on_fit_end  # a stopped run still gets the figures of its finished epochs
+
+    def close(self) -> None:
+        self.figures.close()
 
 
 class ConsoleHook(Hook):

@@ -158,17 +158,19 @@ def sanitize_metric_key(name: str) -> str:
     return "/".join(parts)
 
 
-def confusion_matrix_figure(cm: torch.Tensor, class_names: Sequence[str], title: str) -> Figure:
+def confusion_matrix_figure(cm: torch.Tensor | Any, class_names: Sequence[str], title: str) -> Figure:
     """A matplotlib Figure (Agg canvas, no pyplot state) of ``cm``: colours are row-normalised (recall
     per true class, so rare classes are as visible as common ones), cells annotated with raw counts.
-    Size grows with the class count so 10+ labels stay readable; annotations stop above 30 classes."""
+    Size grows with the class count so 10+ labels stay readable; annotations stop above 30 classes.
+    ``cm``: a tensor, or a numpy array / nested lists (the figure renderer's child process has no torch)."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    counts = cm.detach().to("cpu").long()
+    counts = np.asarray(cm.detach().to("cpu") if hasattr(cm, "detach") else cm, dtype=np.int64)
     n = counts.shape[0]
-    rows = counts.sum(dim=1, keepdim=True).clamp(min=1)
-    norm = (counts.double() / rows).numpy()
+    rows = np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    norm = counts.astype(np.float64) / rows
     side = max(4.0, 0.55 * n + 2.5)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
     FigureCanvasAgg(fig)

@@ -322,6 +322,7 @@ class _NoTracker:
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, fig: Any, artifact_file: str) -> None: ...
+    def log_image_bytes(self, data: bytes, artifact_file: str) -> None: ...
     def finish(self, status: str = "FINISHED", reason: str | None = None, **_: Any) -> None: ...
 
     def metric_steps(self, key: str) -> set[int]:
@@ -362,7 +363,7 @@ def _build(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Buil
 
 
 def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainResult:
-    from mltrack.hooks import CheckpointHook, ConsoleHook, EpochIO, TensorBoardHook, TrackingHook
+    from mltrack.hooks import CheckpointHook, ConsoleHook, EpochIO, FiguresHook, TensorBoardHook, TrackingHook
     from mltrack.resume import install_weights
 
     cfg, tracker, ctx, trainer = s.cfg, s.tracker, built.ctx, built.trainer
@@ -377,14 +378,15 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
     if trainer.is_main_process:
         log.info("Starting Training (epochs %d..%d)", ctx.state.epoch, cfg.training.num_epochs - 1)
     meta = {"split_digest": s.split_digest, "dataset_fingerprint": s.split_digest, "mlflow_run_id": tracker.run_id}
-    # One worker for the checkpoint write, metrics and TensorBoard of each epoch, in that order, while the
-    # next epoch trains (the hooks' order is the order of the jobs).
+    # One worker for the checkpoint write, metrics, figures and TensorBoard of each epoch, in that order, while
+    # the next epoch trains (the hooks' order is the order of the jobs).
     io = EpochIO()
     ckpt_hook = CheckpointHook(s.run_dir / "weights", tracker, meta, io)
-    tracking_hook = TrackingHook(tracker, cfg.tracking.confusion_every_epoch, io, checkpoints=ckpt_hook)
-    hooks = [ckpt_hook, tracking_hook]
-    if cfg.tracking.tensorboard:
-        hooks.append(TensorBoardHook(s.run_dir / "tensorboard", io))
+    tracking_hook = TrackingHook(tracker, io, checkpoints=ckpt_hook)
+    hooks: list[Any] = [ckpt_hook, tracking_hook]
+    tb_hook = TensorBoardHook(s.run_dir / "tensorboard", io) if cfg.tracking.tensorboard else None
+    figures_hook = _figures_hook(cfg, tracker, tb_hook, io, trainer.device)
+    hooks += [h for h in (figures_hook, tb_hook) if h is not None]
     hooks.append(ConsoleHook())
     if epoch_callback is not None:
         hooks.append(_CallbackHook(epoch_callback))
@@ -395,10 +397,14 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
             io.drain()  # the finished epochs' checkpoints and metrics are queued before the stop's own
             ckpt_hook.on_interrupt(ctx)  # inside an epoch: a step-granular last.pt, uploaded before KILLED
             tracking_hook.on_interrupt(ctx)  # then the metrics of epochs whose checkpoint had been deferred
+            if figures_hook is not None:
+                figures_hook.on_interrupt(ctx)
             raise
         except StopTraining:  # an epoch callback ended the run at an epoch boundary (e.g. a pruned trial)
             ckpt_hook.on_fit_end(ctx)  # the state is consistent there: write a deferred checkpoint
             tracking_hook.on_fit_end(ctx)
+            if figures_hook is not None:
+                figures_hook.on_fit_end(ctx)
             io.close()
             raise
         io.close()  # a write error of the last epochs fails the run here; best.pt is complete after it
@@ -407,12 +413,35 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
         # not raised, so the error that ends the run is the first one.
         io.close(quiet=True)
         raise
+    finally:
+        if figures_hook is not None:
+            figures_hook.close()  # the renderer process, if one was started
     trainer.wait_for_everyone()  # best.pt is complete before every process loads it for the test evaluation
     from mltrack.report import finalize
 
     test_metrics = finalize(ctx, s.run_dir, tracker, built.loaders, resumed=s.resume is not None)
     trainer.end()
     return TrainResult(tracker.run_id, s.run_dir, ctx.state.best_epoch, ctx.state.best_metric, test_metrics)
+
+
+def _figures_hook(cfg: RunConfig, tracker: Any, tb_hook: Any, io: Any, device: torch.device) -> Any:
+    """The per-epoch confusion-matrix figures for MLflow and/or TensorBoard (None when neither wants them).
+
+    Rendered in a child process when training on a GPU with background epoch IO (``mltrack.figures``
+    says why); env ``MLTRACK_FIGURE_PROCESS=1`` / ``0`` forces that on / off."""
+    from mltrack.figures import EpochFigures, mlflow_sink, tensorboard_sink
+    from mltrack.hooks import FiguresHook
+
+    sinks = []
+    if cfg.tracking.confusion_every_epoch:
+        sinks.append(mlflow_sink(tracker))
+    if tb_hook is not None:
+        sinks.append(tensorboard_sink(lambda: tb_hook.writer))
+    if not sinks:
+        return None
+    forced = os.environ.get("MLTRACK_FIGURE_PROCESS", "").strip().lower()
+    separate = forced in ("1", "true", "yes") or (forced not in ("0", "false", "no") and device.type == "cuda")
+    return FiguresHook(EpochFigures(sinks, separate_process=separate and not io.inline), io)
 
 
 def class_weights(cfg: RunConfig, targets: list[int], n_classes: int) -> torch.Tensor:

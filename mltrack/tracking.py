@@ -186,6 +186,16 @@ class Tracker:
         rel = PurePosixPath(artifact_file)
         staged = self._stage_dir() / rel.name
         fig.savefig(staged, format="png")
+        self._queue_staged(staged, rel)
+
+    def log_image_bytes(self, data: bytes, artifact_file: str) -> None:
+        """Queue an image already encoded elsewhere (a PNG rendered in another process) as ``artifact_file``."""
+        rel = PurePosixPath(artifact_file)
+        staged = self._stage_dir() / rel.name
+        staged.write_bytes(data)
+        self._queue_staged(staged, rel)
+
+    def _queue_staged(self, staged: Path, rel: PurePosixPath) -> None:
         parent = str(rel.parent)
         self._delivery.put([{"op": "artifact", "path": str(staged), "artifact_path": None if parent == "." else parent,
                              "cleanup": True}])

@@ -61,3 +61,14 @@ def tiny_dataset(tmp_path: Path) -> Callable[..., Path]:
         return data_dir
 
     return make
+
+
+@pytest.fixture
+def run_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd = tmp, MLflow in a sqlite store there, nothing inherited from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLTRACK_FAULT_AT",
+                "MLTRACK_SYNC_EPOCH_IO", "MLTRACK_FIGURE_PROCESS"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path

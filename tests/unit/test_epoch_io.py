@@ -244,14 +244,8 @@ def _record_tracker_calls(monkeypatch: pytest.MonkeyPatch) -> Events:
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd = tmp, MLflow in a sqlite store there, nothing inherited from the environment."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLTRACK_FAULT_AT",
-                "MLTRACK_SYNC_EPOCH_IO"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path
+def store(run_store: Path) -> Path:
+    return run_store
 
 
 @pytest.fixture
@@ -283,7 +277,7 @@ def test_written_checkpoint_holds_the_state_at_epoch_end_not_later_training(io: 
     model, optimizer = _trained_model()
     ctx = _ctx(model, optimizer)
     hooks = [CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io),
-             TrackingHook(tracker, confusion_every_epoch=False, io=io)]
+             TrackingHook(tracker, io=io)]
     gate = threading.Event()
     io.submit(gate.wait, 10)  # a slow disk: the epoch's jobs wait while training goes on
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -312,7 +306,7 @@ def test_write_error_in_the_worker_is_one_checkpoint_error(io: EpochIO, tmp_path
     blocker.write_text("a file where the weights folder's parent should be")
     model, optimizer = _trained_model()
     ctx = _ctx(model, optimizer)
-    hooks = [CheckpointHook(blocker / "weights", tracker, {}, io), TrackingHook(tracker, False, io)]
+    hooks = [CheckpointHook(blocker / "weights", tracker, {}, io), TrackingHook(tracker, io)]
     # raised by the next submit (the tracking hook's, if the write failed already) or by drain
     with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of epoch 0 in .*weights \(check its "
                                               r"free space and permissions\): NotADirectoryError"):
@@ -378,7 +372,7 @@ def test_epochs_faster_than_the_disk_defer_checkpoints_and_hold_their_metrics(io
     model, optimizer = _trained_model()
     ctx = _ctx(model, optimizer)
     ckpt = CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io)
-    hooks = [ckpt, TrackingHook(tracker, confusion_every_epoch=False, io=io, checkpoints=ckpt)]
+    hooks = [ckpt, TrackingHook(tracker, io=io, checkpoints=ckpt)]
     gate = threading.Event()
     io.submit(gate.wait, 10, bounded=True)  # a write in progress ...
     io.submit(lambda: None, bounded=True)  # ... and one queued behind it: the slots are full

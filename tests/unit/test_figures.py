@@ -1,0 +1,98 @@
+"""mltrack.figures: one render per epoch for every sink, in a child process or on the epoch-IO thread, in
+epoch order, bounded when epochs come faster than renders; and a real run with the process forced on CPU."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mltrack.figures import EpochFigures, epoch_title, render_png
+from mltrack.metrics import confusion_matrix_figure
+
+NAMES = ["ants", "bees", "wasps"]
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _matrix(seed: int) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(0, 40, size=(3, 3)).tolist()
+
+
+def test_render_png_draws_the_figure_of_a_plain_matrix() -> None:
+    import torch
+
+    counts = _matrix(0)
+    from_lists = _pixels(render_png(counts, NAMES, "val, epoch 0"))
+    buf = io.BytesIO()
+    confusion_matrix_figure(torch.tensor(counts), NAMES, "val, epoch 0").savefig(buf, format="png")
+    assert from_lists.ndim == 3 and from_lists.shape[2] == 3 and from_lists.std() > 0
+    assert np.array_equal(from_lists, _pixels(buf.getvalue()))  # the tensor and the list give one figure
+    assert not np.array_equal(from_lists, _pixels(render_png(_matrix(1), NAMES, "val, epoch 0")))
+
+
+@pytest.mark.parametrize("separate_process", [False, True])
+def test_every_sink_gets_each_epoch_once_in_order(separate_process: bool) -> None:
+    got: dict[str, list[tuple[int, bytes]]] = {"a": [], "b": []}
+    sinks: list[Callable[[int, bytes], None]] = [lambda s, png: got["a"].append((s, png)),
+                                                 lambda s, png: got["b"].append((s, png))]
+    figures = EpochFigures(sinks, separate_process=separate_process)
+    figures.MAX_PENDING = 10  # this test is about order and content, not skipping
+    try:
+        for step in range(3):
+            figures.offer(step, _matrix(step), NAMES)
+            figures.deliver()  # not blocking: with a process, most renders are not done yet
+        figures.deliver(block=True)
+    finally:
+        figures.close()
+    assert [s for s, _ in got["a"]] == [0, 1, 2] and got["a"] == got["b"]  # one render shared by both sinks
+    for step, png in got["a"]:
+        assert np.array_equal(_pixels(png), _pixels(render_png(_matrix(step), NAMES, epoch_title(step))))
+    assert figures.skipped == 0 and figures.separate_process is separate_process
+
+
+def test_epochs_faster_than_renders_skip_figures_instead_of_piling_up(caplog: pytest.LogCaptureFixture) -> None:
+    delivered: list[int] = []
+    figures = EpochFigures([lambda s, png: delivered.append(s)], separate_process=True)
+    figures.MAX_PENDING = 1
+    try:
+        for step in range(4):  # microseconds apart: the child process has not even started the first render
+            figures.offer(step, _matrix(step), NAMES)
+        figures.deliver(block=True)
+        figures.offer(4, _matrix(4), NAMES)  # nothing running any more: rendered again
+        figures.deliver(block=True)
+    finally:
+        with caplog.at_level("INFO", logger="mltrack"):
+            figures.close()
+    assert delivered == [0, 4] and figures.skipped == 3 and figures.offered == 5
+    assert "3 of 5 per-epoch confusion-matrix figures were skipped" in caplog.text
+
+
+def test_a_real_run_renders_its_epoch_figures_in_a_child_process(
+        tiny_dataset: Callable[..., Path], run_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mltrack.config import load_config
+    from mltrack.run import train
+
+    monkeypatch.setenv("MLTRACK_FIGURE_PROCESS", "1")  # on CPU the default is the epoch-IO thread
+    data_dir = tiny_dataset(n_classes=3, per_class=10, size=16, folds=2)
+    cfg = load_config(None, ["training.device=cpu", "tracking.progress='off'", f"data.data_dir={data_dir}",
+                             "data.dataset_name=tiny", "data.image_size=16", "data.num_workers=0",
+                             "training.num_epochs=2", "training.batch_size=8"])  # figures + TensorBoard: defaults
+    result = train(cfg)
+
+    client = mlflow.MlflowClient()
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    epochs = sorted(Path(f.path).name for f in client.list_artifacts(result.run_id, "plots/epochs"))
+    assert epochs == ["confusion_matrix_val_0000.png", "confusion_matrix_val_0001.png"]
+    events = EventAccumulator(str(result.run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("confusion_matrix/val")] == [0, 1]
