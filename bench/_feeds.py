@@ -299,6 +299,9 @@ def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[
                 [t for block in arm["blocks"] for t in block["epoch_s"][1:]]), 4)
         for key in sorted({k for block in arm["blocks"] for k in block if k.endswith("_drain_s")}):
             row[key] = max(block.get(key, 0.0) for block in arm["blocks"])
+        hook_ms = [t for block in arm["blocks"] for t in block.get("hooks_ms", [])]
+        if hook_ms:  # the hooks' time on the training thread at each epoch end, while the GPU has nothing queued
+            row["hooks_ms_median"], row["hooks_ms_max"] = round(statistics.median(hook_ms), 2), max(hook_ms)
         for key in ("checkpoints_queued", "figures"):  # running counts: the last block's is the total
             if any(key in block for block in arm["blocks"]):
                 row[key] = arm["blocks"][-1].get(key)

@@ -65,14 +65,19 @@ def train_epochs(ctx: Any, images_per_epoch: int) -> Callable[[], int]:
     return run
 
 
-def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any]) -> Callable[[], int]:
-    """One call = ``loop.run_epoch`` (train + validation) and the hooks' ``on_epoch_end``, as ``loop.fit``."""
+def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any],
+                hook_s: list[float] | None = None) -> Callable[[], int]:
+    """One call = ``loop.run_epoch`` (train + validation) and the hooks' ``on_epoch_end``, as ``loop.fit``.
+    ``hook_s`` collects the seconds the hooks took on the training thread, per epoch (the GPU waits then)."""
     from mltrack.trainers.loop import run_epoch
 
     def run() -> int:
         ctx.last = run_epoch(ctx)
+        start = time.perf_counter()
         for hook in hooks:
             hook.on_epoch_end(ctx)
+        if hook_s is not None:
+            hook_s.append(time.perf_counter() - start)
         return images_per_epoch
 
     return run
@@ -87,6 +92,7 @@ class Tracking:
         TensorBoard scalars) rendered in a child process (``"process"``) or on the epoch-IO worker (``"inline"``)."""
         self.workdir = Path(workdir) / name
         self.figures = figures
+        self.hook_s: list[float] = []  # filled by full_epochs(..., hook_s=tracking.hook_s); reported by drain()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tracker = None
         if mlflow:
@@ -138,6 +144,7 @@ class Tracking:
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"
+        out["hooks_ms"], self.hook_s = [round(1e3 * t, 2) for t in self.hook_s], []
         if self.tracker is not None:
             t0 = time.perf_counter()
             self.tracker.flush()

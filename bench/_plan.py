@@ -237,8 +237,11 @@ class Plan:
             module = compiled.get() if compiled is not None else None  # torch.compile is lazy: nothing runs yet
             fit = context(model, loaders, self.device, batch, compiled=module)
             label = f"hymen_{tracked}{'' if module is None else '_compiled'}"
-            tracking = Tracking(self.work, label, bool(tracked)) if tracked is not None else None
-            run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [])
+            # tracked = the default config's tracking (figures per epoch for MLflow and TensorBoard included)
+            tracking = (Tracking(self.work, label, bool(tracked), "process" if tracked else None)
+                        if tracked is not None else None)
+            run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [],
+                              tracking.hook_s if tracking else None)
             warm: dict[str, Any] = {"warmup_epochs": 2 * self.cfg["warmup"]}
             if module is not None:
                 # Compiling and CUDA-graph capture (train and eval, full and partial batches) stay in the
@@ -308,7 +311,7 @@ class Plan:
                     continue
                 if tracking is not None:
                     trackings[variant] = tracking
-                run = full_epochs(fit, images, hooks)
+                run = full_epochs(fit, images, hooks, tracking.hook_s if tracking is not None else None)
                 arms.append(Arm(variant, run, tracking.drain) if tracking is not None else Arm(variant, run))
             measured = time_interleaved(arms, self.device, rounds=self.cfg["tracking_rounds"],
                                         block_epochs=self.cfg["tracking_block"], warmup_epochs=self.cfg["warmup"])

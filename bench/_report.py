@@ -2,6 +2,8 @@
 and the same from a saved bench.json as Markdown for the README (``--markdown bench.json``)."""
 from __future__ import annotations
 
+import statistics
+
 import contextlib
 import io
 import json
@@ -87,6 +89,10 @@ def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
                                                                          ("queue_drain_s", "upload queue drain after")) if key in row)
         if "checkpoints_queued" in row:
             extra += f"  checkpoints queued {row['checkpoints_queued']}"
+        if "figures" in row:
+            extra += f"  figures {row['figures']}"
+        if row.get("hooks_ms"):
+            extra += f"  hooks {statistics.median(row['hooks_ms']):.2f} ms median"
         if "compile_mode" in row:  # its warm-up: compiling + CUDA-graph capture when this variant compiled
             extra += (f"  warm-up {row['warmup_s']} s ({row.get('warmup_epochs', '?')} epochs, "
                       f"{'compiling' if row.get('compiled_here') else 'already compiled'}; "
@@ -116,6 +122,8 @@ def _tracking(R: Any) -> None:
             drains += f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up epochs"
         if "figures" in row:
             drains += f"; figures {row['figures']}"
+        if "hooks_ms_median" in row:
+            drains += f"; hooks on the training thread {row['hooks_ms_median']} ms median, {row['hooks_ms_max']} max"
         print(f"  {row['name']:22s} {row['img_per_s']:9,.0f} {row['median_epoch_s']:9.4f} {ratio:>12s} "
               f"{per_round:>34s}  {drains}")
 

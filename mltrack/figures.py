@@ -43,6 +43,14 @@ def render_png(counts: list[list[int]], class_names: list[str], title: str) -> b
     return buf.getvalue()
 
 
+def _warm_up() -> None:
+    """The renderer process's first task: the imports a render needs, before the first epoch ends."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+    import mltrack.metrics  # noqa: F401
+
+
 def epoch_title(step: int) -> str:
     return f"val, epoch {step}"
 
@@ -66,6 +74,15 @@ class EpochFigures:
         # (step, render): offer() appends on the training thread, deliver() pops on the epoch-IO worker
         self._pending: list[tuple[int, Future[bytes] | tuple[list[list[int]], list[str]]]] = []
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the renderer process now (at the start of the fit, not at the first epoch end: the spawn
+        itself takes milliseconds of the calling thread, the imports in the child about a second)."""
+        if self.separate_process:
+            try:
+                self._renderer().submit(_warm_up)
+            except Exception as err:  # noqa: BLE001 - see offer()
+                self._fall_back(err)
 
     def offer(self, step: int, counts: list[list[int]], class_names: list[str]) -> None:
         """Queue epoch ``step``'s figure (or skip it when ``MAX_PENDING`` renders are still running)."""

@@ -331,6 +331,10 @@ class FiguresHook(Hook):
         self.figures = figures
         self.io = io if io is not None else EpochIO(inline=True)
 
+    def on_fit_start(self, ctx: FitContext) -> None:
+        if ctx.trainer.is_main_process:
+            self.figures.start()
+
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process or ctx.last is None:
             return

@@ -191,6 +191,34 @@ def test_background_snapshot_keeps_ties_types_and_dtypes() -> None:
     assert snap["pair"].first.is_pinned() and snap["transposed"].is_pinned()
 
 
+@cuda
+def test_background_snapshot_keeps_layouts_and_gives_each_section_its_own_buffer(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    model = model.cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 9, 9, device="cuda").to(memory_format=torch.channels_last)).sum().backward()
+    optimizer.step()
+    state = {"schema": checkpoint.SCHEMA, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    snap = start_snapshot(state, headroom_bytes=0).wait()
+
+    _assert_same(snap, snapshot(state))  # values, dtypes (int64 num_batches_tracked), ties, _metadata
+    weight = snap["model"]["0.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and weight.stride() == model[0].weight.stride()
+    model_storage = {t.untyped_storage().data_ptr() for t in snap["model"].values() if t.dtype == torch.float32}
+    optim_storage = {s["momentum_buffer"].untyped_storage().data_ptr() for s in snap["optimizer"]["state"].values()}
+    assert len(model_storage) == 1 and len(optim_storage) == 1 and model_storage != optim_storage
+    # A packaged model re-saves only the "model" section of a loaded checkpoint: no optimizer bytes ride along.
+    checkpoint.save(snap, tmp_path / "full.pt")
+    loaded = checkpoint.load(tmp_path / "full.pt")
+    torch.save(loaded["model"], tmp_path / "model_only.pt")
+    model_bytes = sum(t.numel() * t.element_size() for t in state["model"].values())
+    assert (tmp_path / "model_only.pt").stat().st_size < model_bytes + 16_384
+    restored = copy.deepcopy(model)
+    restored.load_state_dict(loaded["model"])
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values()))
+
+
 @pytest.fixture
 def background_io() -> Iterator[EpochIO]:
     io = EpochIO(inline=False)
