@@ -144,7 +144,8 @@ class Tracking:
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"
-        out["hooks_ms"], self.hook_s = [round(1e3 * t, 2) for t in self.hook_s], []
+        out["hooks_ms"] = [round(1e3 * t, 2) for t in self.hook_s]
+        self.hook_s.clear()  # in place: full_epochs holds this very list
         if self.tracker is not None:
             t0 = time.perf_counter()
             self.tracker.flush()
