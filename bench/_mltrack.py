@@ -89,7 +89,8 @@ class Tracking:
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None) -> None:
         """``figures``: None, or the default config's per-epoch confusion figure (MLflow + TensorBoard, with
-        TensorBoard scalars) rendered in a child process (``"process"``) or on the epoch-IO worker (``"inline"``)."""
+        TensorBoard scalars) rendered in a child process (``"process"``; ``"process_unlimited"``: without the
+        child's thread limits and nice) or on the epoch-IO worker (``"inline"``)."""
         self.workdir = Path(workdir) / name
         self.figures = figures
         self.hook_s: list[float] = []  # filled by full_epochs(..., hook_s=tracking.hook_s); reported by drain()
@@ -126,7 +127,8 @@ class Tracking:
         if self.figures is not None and self.tracker is not None:  # the default config: figures + TensorBoard
             tb = TensorBoardHook(self.workdir / "tensorboard", self.io)
             figures = EpochFigures([mlflow_sink(self.tracker), tensorboard_sink(lambda: tb.writer)],
-                                   separate_process=self.figures == "process")
+                                   separate_process=self.figures.startswith("process"),
+                                   limit_child=self.figures != "process_unlimited")
             self.figures_hook = FiguresHook(figures, self.io)
             hooks += [self.figures_hook, tb]
         for hook in hooks:

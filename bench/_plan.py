@@ -25,10 +25,12 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
 # The tracking group's variants: None (no hooks) or (MLflow on, per-epoch figures: None | "process" | "inline").
 # tracked_default is what `mltrack train` does with the default config on a GPU (checkpoints, MLflow metrics and
 # uploads, a confusion-matrix figure per epoch for MLflow and TensorBoard, rendered in a child process);
-# tracked_default_inline renders those figures on the epoch-IO thread instead, as before that process existed.
+# tracked_default_inline renders those figures on the epoch-IO thread instead, as before that process existed;
+# tracked_default_unlimited renders them in a child process without its thread limits and lower priority.
 TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str]]]] = {
     "untracked": None, "checkpoint_only": (False, None), "tracked": (True, None),
-    "tracked_default": (True, "process"), "tracked_default_inline": (True, "inline")}
+    "tracked_default": (True, "process"), "tracked_default_inline": (True, "inline"),
+    "tracked_default_unlimited": (True, "process_unlimited")}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from mltrack.console import get_logger
@@ -41,6 +44,42 @@ def render_png(counts: list[list[int]], class_names: list[str], title: str) -> b
     buf = io.BytesIO()
     confusion_matrix_figure(counts, class_names, title).savefig(buf, format="png")
     return buf.getvalue()
+
+
+# The renderer process gets one thread per native pool and a lower priority: numpy's BLAS and OpenMP pools
+# start one thread per core and spin after use, and the training process needs those cores (see close()).
+_CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _init_renderer() -> None:
+    """First code of the renderer process (after its imports): one thread per pool, nice 10."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)  # pools loaded before the environment could say so (the parent's main module)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ while a child process is spawned (it inherits the environment then)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _warm_up() -> None:
@@ -64,9 +103,10 @@ class EpochFigures:
 
     MAX_PENDING = 2
 
-    def __init__(self, sinks: list[Sink], separate_process: bool) -> None:
+    def __init__(self, sinks: list[Sink], separate_process: bool, limit_child: bool = True) -> None:
         self.sinks = sinks
         self.separate_process = separate_process
+        self.limit_child = limit_child  # False: the child's thread pools as they come (the benchmark's A/B)
         self.skipped = 0
         self.offered = 0
         self._said = False
@@ -80,7 +120,8 @@ class EpochFigures:
         itself takes milliseconds of the calling thread, the imports in the child about a second)."""
         if self.separate_process:
             try:
-                self._renderer().submit(_warm_up)
+                with _environment(_CHILD_ENV if self.limit_child else {}):  # the process is spawned in submit()
+                    self._renderer().submit(_warm_up)
             except Exception as err:  # noqa: BLE001 - see offer()
                 self._fall_back(err)
 
@@ -140,7 +181,8 @@ class EpochFigures:
     def _renderer(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn, not fork: a fork of a process whose torch has started OpenMP or CUDA can deadlock.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_renderer if self.limit_child else None)
         return self._pool
 
     def _fall_back(self, err: BaseException) -> None:
