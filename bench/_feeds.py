@@ -302,7 +302,10 @@ def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[
         hook_ms = [t for block in arm["blocks"] for t in block.get("hooks_ms", [])]
         if hook_ms:  # the hooks' time on the training thread at each epoch end, while the GPU has nothing queued
             row["hooks_ms_median"], row["hooks_ms_max"] = round(statistics.median(hook_ms), 2), max(hook_ms)
-        for key in ("checkpoints_queued", "figures"):  # running counts: the last block's is the total
+        if any("process_cpu_s" in block for block in arm["blocks"]):  # CPU seconds per timed second, median
+            row["process_cpus"] = round(statistics.median(
+                block["process_cpu_s"] / max(sum(block["epoch_s"]), 1e-9) for block in arm["blocks"]), 2)
+        for key in ("checkpoints_queued", "figures", "renderer_cpu_s"):  # running counts: the last block's is the total
             if any(key in block for block in arm["blocks"]):
                 row[key] = arm["blocks"][-1].get(key)
         if base_median:

@@ -65,19 +65,21 @@ def train_epochs(ctx: Any, images_per_epoch: int) -> Callable[[], int]:
     return run
 
 
-def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any],
-                hook_s: list[float] | None = None) -> Callable[[], int]:
+def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any], tracking: Any = None) -> Callable[[], int]:
     """One call = ``loop.run_epoch`` (train + validation) and the hooks' ``on_epoch_end``, as ``loop.fit``.
-    ``hook_s`` collects the seconds the hooks took on the training thread, per epoch (the GPU waits then)."""
+    ``tracking`` (a :class:`Tracking`) gets the seconds the hooks took on the training thread, per epoch (the
+    GPU waits then), and the process CPU time at the first epoch after each drain."""
     from mltrack.trainers.loop import run_epoch
 
     def run() -> int:
+        if tracking is not None and tracking.cpu_mark is None:
+            tracking.cpu_mark = time.process_time()
         ctx.last = run_epoch(ctx)
         start = time.perf_counter()
         for hook in hooks:
             hook.on_epoch_end(ctx)
-        if hook_s is not None:
-            hook_s.append(time.perf_counter() - start)
+        if tracking is not None:
+            tracking.hook_s.append(time.perf_counter() - start)
         return images_per_epoch
 
     return run
@@ -87,13 +89,17 @@ class Tracking:
     """The hooks ``run.py`` installs (checkpoint write + upload, per-epoch metrics) on a real MLflow run in a
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
 
-    def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None) -> None:
+    def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
+                 tensorboard: bool | None = None) -> None:
         """``figures``: None, or the default config's per-epoch confusion figure (MLflow + TensorBoard, with
         TensorBoard scalars) rendered in a child process (``"process"``; ``"process_unlimited"``: without the
         child's thread limits and nice) or on the epoch-IO worker (``"inline"``)."""
         self.workdir = Path(workdir) / name
         self.figures = figures
-        self.hook_s: list[float] = []  # filled by full_epochs(..., hook_s=tracking.hook_s); reported by drain()
+        # TensorBoard scalars (+ the figure's image sink): the default config has them with the figures
+        self.tensorboard = figures is not None if tensorboard is None else tensorboard
+        self.cpu_mark: float | None = None  # process CPU seconds (all threads) when this block's first epoch began
+        self.hook_s: list[float] = []  # filled by full_epochs(..., tracking=self); reported by drain()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tracker = None
         if mlflow:
@@ -124,13 +130,17 @@ class Tracking:
         if self.tracker is not None:  # holds a deferred epoch's metrics until a later checkpoint, as run.py wires it
             hooks.append(TrackingHook(self.tracker, io=self.io, checkpoints=self.checkpoints))
         self.figures_hook = None
+        tb = TensorBoardHook(self.workdir / "tensorboard", self.io) if self.tensorboard else None
         if self.figures is not None and self.tracker is not None:  # the default config: figures + TensorBoard
-            tb = TensorBoardHook(self.workdir / "tensorboard", self.io)
-            figures = EpochFigures([mlflow_sink(self.tracker), tensorboard_sink(lambda: tb.writer)],
-                                   separate_process=self.figures.startswith("process"),
+            sinks = [] if self.figures.endswith("nosink") else [mlflow_sink(self.tracker)]
+            if tb is not None:
+                sinks.append(tensorboard_sink(lambda: tb.writer))
+            figures = EpochFigures(sinks, separate_process=self.figures.startswith("process"),
                                    limit_child=self.figures != "process_unlimited")
             self.figures_hook = FiguresHook(figures, self.io)
-            hooks += [self.figures_hook, tb]
+            hooks.append(self.figures_hook)
+        if tb is not None:
+            hooks.append(tb)
         for hook in hooks:
             hook.on_fit_start(ctx)
         return hooks
@@ -138,6 +148,9 @@ class Tracking:
     def drain(self) -> dict[str, float]:
         """Wait for the epoch worker and the tracker's queue (work the timed epochs left running); the
         seconds each wait took. The run stays open: an interleaved measurement drains between blocks."""
+        cpu_s = None
+        if self.cpu_mark is not None:  # the block's epochs only: not this drain, not other variants' blocks
+            cpu_s, self.cpu_mark = time.process_time() - self.cpu_mark, None
         t0 = time.perf_counter()
         if self.figures_hook is not None:  # renders still running in the child process are delivered too
             self.io.submit(self.figures_hook.figures.deliver, True)
@@ -147,6 +160,17 @@ class Tracking:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"
         out["hooks_ms"] = [round(1e3 * t, 2) for t in self.hook_s]
+        if cpu_s is not None:
+            out["process_cpu_s"] = round(cpu_s, 3)
+        pool = self.figures_hook.figures._pool if self.figures_hook is not None else None
+        if pool is not None:  # the renderer process's CPU seconds so far (bench diagnostics: a private attribute)
+            try:
+                import psutil
+
+                out["renderer_cpu_s"] = round(sum(sum(psutil.Process(p).cpu_times()[:2])
+                                                  for p in pool._processes), 3)
+            except Exception:  # noqa: BLE001 - psutil missing or the process gone: no figure, no harm
+                pass
         self.hook_s.clear()  # in place: full_epochs holds this very list
         if self.tracker is not None:
             t0 = time.perf_counter()

@@ -22,15 +22,17 @@ from _data import make_dataset, split_files
 from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build_model, interleaved_rows, make_step,
                     place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
 
-# The tracking group's variants: None (no hooks) or (MLflow on, per-epoch figures: None | "process" | "inline").
-# tracked_default is what `mltrack train` does with the default config on a GPU (checkpoints, MLflow metrics and
-# uploads, a confusion-matrix figure per epoch for MLflow and TensorBoard, rendered in a child process);
-# tracked_default_inline renders those figures on the epoch-IO thread instead, as before that process existed;
-# tracked_default_unlimited renders them in a child process without its thread limits and lower priority.
-TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str]]]] = {
-    "untracked": None, "checkpoint_only": (False, None), "tracked": (True, None),
-    "tracked_default": (True, "process"), "tracked_default_inline": (True, "inline"),
-    "tracked_default_unlimited": (True, "process_unlimited")}
+# The tracking group's variants: None (no hooks) or (MLflow on, per-epoch figures, TensorBoard; see
+# _mltrack.Tracking). tracked_default is what `mltrack train` does with the default config on a GPU (checkpoints,
+# MLflow metrics and uploads, TensorBoard scalars, a confusion-matrix figure per epoch for MLflow and TensorBoard
+# rendered in a child process); the other tracked_* rows take one part away or render elsewhere, to show what
+# each costs: _inline on the epoch-IO thread, _unlimited in a child without its thread limits and nice,
+# tracked_tensorboard without figures, figures_render_only renders in the child and delivers nothing.
+TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool]]]] = {
+    "untracked": None, "checkpoint_only": (False, None, False), "tracked": (True, None, False),
+    "tracked_tensorboard": (True, None, True), "tracked_default": (True, "process", True),
+    "tracked_default_unlimited": (True, "process_unlimited", True), "tracked_default_inline": (True, "inline", True),
+    "figures_render_only": (True, "process_nosink", False)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
@@ -242,8 +244,7 @@ class Plan:
             # tracked = the default config's tracking (figures per epoch for MLflow and TensorBoard included)
             tracking = (Tracking(self.work, label, bool(tracked), "process" if tracked else None)
                         if tracked is not None else None)
-            run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [],
-                              tracking.hook_s if tracking else None)
+            run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [], tracking)
             warm: dict[str, Any] = {"warmup_epochs": 2 * self.cfg["warmup"]}
             if module is not None:
                 # Compiling and CUDA-graph capture (train and eval, full and partial batches) stay in the
@@ -282,7 +283,7 @@ class Plan:
         name = next(iter(self.models))
         model, mode = self.models[name], "gpu" if self.cuda else "ram"
         both = Lazy(lambda: self._build(mode, splits=("train", "val")))
-        variants: dict[str, Optional[tuple[bool, Optional[str]]]] = dict(TRACKING_VARIANTS)
+        variants = dict(TRACKING_VARIANTS)
         unavailable = {v: _importable("mlflow") for v, spec in variants.items() if spec is not None and spec[0]}
         wanted = {v: t for v, t in variants.items() if not unavailable.get(v) and v not in self.R.skip}
         session = Lazy(lambda: self._interleaved(both, model, wanted))
@@ -293,7 +294,7 @@ class Plan:
         both.value = None  # frees its cache before the compiled group
 
     def _interleaved(self, both: Lazy, model: torch.nn.Module,
-                     variants: dict[str, Optional[tuple[bool, Optional[str]]]]) -> dict[str, Any]:
+                     variants: dict[str, Optional[tuple[bool, Optional[str], Optional[bool]]]]) -> dict[str, Any]:
         """One FitContext, hooks and (tracked) MLflow run per variant, kept for all rounds; the model is shared.
         Returns each variant's row (or its error), the protocol recorded in the row and in ``extra``."""
         from _mltrack import Tracking, context, full_epochs
@@ -313,7 +314,7 @@ class Plan:
                     continue
                 if tracking is not None:
                     trackings[variant] = tracking
-                run = full_epochs(fit, images, hooks, tracking.hook_s if tracking is not None else None)
+                run = full_epochs(fit, images, hooks, tracking)
                 arms.append(Arm(variant, run, tracking.drain) if tracking is not None else Arm(variant, run))
             measured = time_interleaved(arms, self.device, rounds=self.cfg["tracking_rounds"],
                                         block_epochs=self.cfg["tracking_block"], warmup_epochs=self.cfg["warmup"])

@@ -122,6 +122,10 @@ def _tracking(R: Any) -> None:
             drains += f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up epochs"
         if "figures" in row:
             drains += f"; figures {row['figures']}"
+        if "process_cpus" in row:
+            drains += f"; process CPU {row['process_cpus']} cores"
+        if "renderer_cpu_s" in row:
+            drains += f"; renderer CPU {row['renderer_cpu_s']} s"
         if "hooks_ms_median" in row:
             drains += f"; hooks on the training thread {row['hooks_ms_median']} ms median, {row['hooks_ms_max']} max"
         print(f"  {row['name']:22s} {row['img_per_s']:9,.0f} {row['median_epoch_s']:9.4f} {ratio:>12s} "
