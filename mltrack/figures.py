@@ -21,10 +21,12 @@ Modes:
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -82,6 +84,13 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _render_timed(counts: list[list[int]], class_names: list[str], title: str) -> tuple[bytes, float]:
+    """:func:`render_png` and the seconds it took (for the duty rule of :class:`EpochFigures`)."""
+    start = time.perf_counter()
+    png = render_png(counts, class_names, title)
+    return png, time.perf_counter() - start
+
+
 def _warm_up() -> None:
     """The renderer process's first task: the imports a render needs, before the first epoch ends."""
     import matplotlib.backends.backend_agg  # noqa: F401
@@ -99,9 +108,16 @@ class EpochFigures:
 
     ``offer`` is called on the training thread at the end of an epoch; ``deliver`` runs on the epoch-IO
     worker (``block=True`` at the end of the fit); ``close`` stops the renderer process (idempotent).
+
+    Duty rule: an epoch's figure is skipped while less than ``DUTY`` x the last render's duration has passed
+    since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time wherever it
+    runs (with long epochs - the usual case - every epoch gets its figure; 0.5 s epochs and 0.25 s renders
+    get one every ~5 epochs). ``finish`` renders the last epoch's figure if it was skipped. With a child
+    process, at most ``MAX_PENDING`` renders wait besides.
     """
 
     MAX_PENDING = 2
+    DUTY = 10.0
 
     def __init__(self, sinks: list[Sink], separate_process: bool, limit_child: bool = True) -> None:
         self.sinks = sinks
@@ -109,10 +125,13 @@ class EpochFigures:
         self.limit_child = limit_child  # False: the child's thread pools as they come (the benchmark's A/B)
         self.skipped = 0
         self.offered = 0
+        self.render_s = 0.0  # duration of the last render (set on the epoch-IO worker, read by offer)
+        self._last_at = -math.inf  # when the last rendered figure was offered (time.monotonic)
+        self._held: tuple[int, list[list[int]], list[str]] | None = None  # the latest epoch, if skipped
         self._said = False
         self._pool: ProcessPoolExecutor | None = None
         # (step, render): offer() appends on the training thread, deliver() pops on the epoch-IO worker
-        self._pending: list[tuple[int, Future[bytes] | tuple[list[list[int]], list[str]]]] = []
+        self._pending: list[tuple[int, Future[tuple[bytes, float]] | tuple[list[list[int]], list[str]]]] = []
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -126,21 +145,37 @@ class EpochFigures:
                 self._fall_back(err)
 
     def offer(self, step: int, counts: list[list[int]], class_names: list[str]) -> None:
-        """Queue epoch ``step``'s figure (or skip it when ``MAX_PENDING`` renders are still running)."""
+        """Queue epoch ``step``'s figure, or skip it (duty rule, or ``MAX_PENDING`` renders still running)."""
         self.offered += 1
-        job: Future[bytes] | tuple[list[list[int]], list[str]] = (counts, class_names)  # rendered by deliver()
+        now = time.monotonic()
+        if now - self._last_at < self.DUTY * self.render_s or self._running() >= self.MAX_PENDING:
+            self.skipped += 1
+            self._held = (step, counts, class_names)
+            return
+        self._queue(step, counts, class_names, now)
+
+    def finish(self) -> None:
+        """Render the latest epoch's figure if it was skipped (the last epoch of a fit always has one)."""
+        if self._held is not None:
+            self.skipped -= 1
+            self._queue(*self._held, time.monotonic())
+
+    def _queue(self, step: int, counts: list[list[int]], class_names: list[str], now: float) -> None:
+        self._last_at, self._held = now, None
+        job: Future[tuple[bytes, float]] | tuple[list[list[int]], list[str]] = (counts, class_names)  # inline
         if self.separate_process:
-            with self._lock:
-                running = sum(1 for _, j in self._pending if isinstance(j, Future) and not j.done())
-            if running >= self.MAX_PENDING:
-                self.skipped += 1
-                return
             try:
-                job = self._renderer().submit(render_png, counts, class_names, epoch_title(step))
+                job = self._renderer().submit(_render_timed, counts, class_names, epoch_title(step))
             except Exception as err:  # noqa: BLE001 - no process (spawn refused, pool broken): on the worker
                 self._fall_back(err)
         with self._lock:
             self._pending.append((step, job))
+
+    def _running(self) -> int:
+        if not self.separate_process:
+            return 0  # inline renders run in deliver(), one at a time
+        with self._lock:
+            return sum(1 for _, job in self._pending if isinstance(job, Future) and not job.done())
 
     def deliver(self, block: bool = False) -> None:
         """Send every finished figure (``block``: every figure) to the sinks, oldest first, stopping at the
@@ -165,14 +200,16 @@ class EpochFigures:
             self._pool = None
         if self.skipped and not self._said:
             self._said = True
-            log.info("%d of %d per-epoch confusion-matrix figures were skipped: epochs came faster than one "
-                     "render (the final val and test figures are complete)", self.skipped, self.offered)
+            log.info("%d of %d per-epoch confusion-matrix figures were not rendered: epochs are shorter than "
+                     "%g renders (%.2f s each); the last epoch's and the final val and test figures are complete",
+                     self.skipped, self.offered, self.DUTY, self.render_s)
 
-    def _result(self, step: int, job: Future[bytes] | tuple[list[list[int]], list[str]]) -> bytes | None:
-        if not isinstance(job, Future):
-            return render_png(job[0], job[1], epoch_title(step))
+    def _result(self, step: int, job: Future[tuple[bytes, float]] | tuple[list[list[int]], list[str]]
+                ) -> bytes | None:
         try:
-            return job.result()
+            png, self.render_s = job.result() if isinstance(job, Future) else _render_timed(
+                job[0], job[1], epoch_title(step))
+            return png
         except Exception as err:  # noqa: BLE001 - a lost figure must not fail the training run
             log.warning("the confusion-matrix figure of epoch %d was not rendered (%s: %s)", step,
                         type(err).__name__, err)

@@ -343,6 +343,7 @@ class FiguresHook(Hook):
 
     def on_fit_end(self, ctx: FitContext) -> None:
         if ctx.trainer.is_main_process:
+            self.figures.finish()  # the last epoch's figure, if the duty rule skipped it
             self.io.submit(self.figures.deliver, True)
 
     on_interrupt = on_fit_end  # a stopped run still gets the figures of its finished epochs

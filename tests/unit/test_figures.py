@@ -43,7 +43,7 @@ def test_every_sink_gets_each_epoch_once_in_order(separate_process: bool) -> Non
     sinks: list[Callable[[int, bytes], None]] = [lambda s, png: got["a"].append((s, png)),
                                                  lambda s, png: got["b"].append((s, png))]
     figures = EpochFigures(sinks, separate_process=separate_process)
-    figures.MAX_PENDING = 10  # this test is about order and content, not skipping
+    figures.MAX_PENDING, figures.DUTY = 10, 0.0  # this test is about order and content, not skipping
     try:
         for step in range(3):
             figures.offer(step, _matrix(step), NAMES)
@@ -60,7 +60,7 @@ def test_every_sink_gets_each_epoch_once_in_order(separate_process: bool) -> Non
 def test_epochs_faster_than_renders_skip_figures_instead_of_piling_up(caplog: pytest.LogCaptureFixture) -> None:
     delivered: list[int] = []
     figures = EpochFigures([lambda s, png: delivered.append(s)], separate_process=True)
-    figures.MAX_PENDING = 1
+    figures.MAX_PENDING, figures.DUTY = 1, 0.0
     try:
         for step in range(4):  # microseconds apart: the child process has not even started the first render
             figures.offer(step, _matrix(step), NAMES)
@@ -68,10 +68,29 @@ def test_epochs_faster_than_renders_skip_figures_instead_of_piling_up(caplog: py
         figures.offer(4, _matrix(4), NAMES)  # nothing running any more: rendered again
         figures.deliver(block=True)
     finally:
+        figures.close()
+    assert delivered == [0, 4] and figures.skipped == 3 and figures.offered == 5
+
+
+@pytest.mark.parametrize("separate_process", [False, True])
+def test_the_duty_rule_thins_out_short_epochs_and_keeps_the_last(separate_process: bool,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    delivered: list[int] = []
+    figures = EpochFigures([lambda s, png: delivered.append(s)], separate_process=separate_process)
+    try:
+        figures.offer(0, _matrix(0), NAMES)
+        figures.deliver(block=True)  # the first render sets the pace: ~0.1-1 s, so 10 x that is >= 1 s
+        assert figures.render_s > 0.05
+        for step in range(1, 6):  # epochs of a few milliseconds: inside 10 renders of the last one
+            figures.offer(step, _matrix(step), NAMES)
+            figures.deliver()
+        figures.finish()  # the fit ends: the last epoch gets its figure
+        figures.deliver(block=True)
+    finally:
         with caplog.at_level("INFO", logger="mltrack"):
             figures.close()
-    assert delivered == [0, 4] and figures.skipped == 3 and figures.offered == 5
-    assert "3 of 5 per-epoch confusion-matrix figures were skipped" in caplog.text
+    assert delivered == [0, 5] and figures.skipped == 4 and figures.offered == 6
+    assert "4 of 6 per-epoch confusion-matrix figures were not rendered" in caplog.text
 
 
 def test_a_real_run_renders_its_epoch_figures_in_a_child_process(
