@@ -90,12 +90,13 @@ class Tracking:
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
-                 tensorboard: bool | None = None) -> None:
+                 tensorboard: bool | None = None, every_epoch: bool = False) -> None:
         """``figures``: None, or the default config's per-epoch confusion figure (MLflow + TensorBoard, with
         TensorBoard scalars) rendered in a child process (``"process"``; ``"process_unlimited"``: without the
         child's thread limits and nice) or on the epoch-IO worker (``"inline"``)."""
         self.workdir = Path(workdir) / name
         self.figures = figures
+        self.every_epoch = every_epoch  # figures: no duty rule (EpochFigures.DUTY = 0), one per epoch
         # TensorBoard scalars (+ the figure's image sink): the default config has them with the figures
         self.tensorboard = figures is not None if tensorboard is None else tensorboard
         self.cpu_mark: float | None = None  # process CPU seconds (all threads) when this block's first epoch began
@@ -137,6 +138,8 @@ class Tracking:
                 sinks.append(tensorboard_sink(lambda: tb.writer))
             figures = EpochFigures(sinks, separate_process=self.figures.startswith("process"),
                                    limit_child=self.figures != "process_unlimited")
+            if self.every_epoch:
+                figures.DUTY = 0.0
             self.figures_hook = FiguresHook(figures, self.io)
             hooks.append(self.figures_hook)
         if tb is not None:

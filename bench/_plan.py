@@ -22,17 +22,21 @@ from _data import make_dataset, split_files
 from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build_model, interleaved_rows, make_step,
                     place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
 
-# The tracking group's variants: None (no hooks) or (MLflow on, per-epoch figures, TensorBoard; see
-# _mltrack.Tracking). tracked_default is what `mltrack train` does with the default config on a GPU (checkpoints,
-# MLflow metrics and uploads, TensorBoard scalars, a confusion-matrix figure per epoch for MLflow and TensorBoard
-# rendered in a child process); the other tracked_* rows take one part away or render elsewhere, to show what
-# each costs: _inline on the epoch-IO thread, _unlimited in a child without its thread limits and nice,
-# tracked_tensorboard without figures, figures_render_only renders in the child and delivers nothing.
-TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool]]]] = {
-    "untracked": None, "checkpoint_only": (False, None, False), "tracked": (True, None, False),
-    "tracked_tensorboard": (True, None, True), "tracked_default": (True, "process", True),
-    "tracked_default_unlimited": (True, "process_unlimited", True), "tracked_default_inline": (True, "inline", True),
-    "figures_render_only": (True, "process_nosink", False)}
+# The tracking group's variants: None (no hooks) or _mltrack.Tracking's (mlflow, figures, tensorboard,
+# every_epoch). tracked_default is what `mltrack train` does with the default config on a GPU: checkpoints,
+# MLflow metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and
+# TensorBoard, rendered in a child process under the duty rule (mltrack.figures). The other rows take one
+# part away or change one thing, to show what each costs: *_every_epoch renders every epoch's figure (no duty
+# rule); _unlimited without the child's thread limits and nice; _inline on the epoch-IO thread, as before the
+# child process existed (the old default rendered twice per epoch); tracked_tensorboard has no figures;
+# figures_render_only renders in the child and delivers nothing.
+TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], bool]]] = {
+    "untracked": None, "checkpoint_only": (False, None, False, False), "tracked": (True, None, False, False),
+    "tracked_tensorboard": (True, None, True, False), "tracked_default": (True, "process", True, False),
+    "tracked_default_every_epoch": (True, "process", True, True),
+    "tracked_default_unlimited": (True, "process_unlimited", True, True),
+    "tracked_default_inline": (True, "inline", True, True),
+    "figures_render_only": (True, "process_nosink", False, True)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
@@ -294,7 +298,8 @@ class Plan:
         both.value = None  # frees its cache before the compiled group
 
     def _interleaved(self, both: Lazy, model: torch.nn.Module,
-                     variants: dict[str, Optional[tuple[bool, Optional[str], Optional[bool]]]]) -> dict[str, Any]:
+                     variants: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], bool]]]
+                     ) -> dict[str, Any]:
         """One FitContext, hooks and (tracked) MLflow run per variant, kept for all rounds; the model is shared.
         Returns each variant's row (or its error), the protocol recorded in the row and in ``extra``."""
         from _mltrack import Tracking, context, full_epochs

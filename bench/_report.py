@@ -108,11 +108,11 @@ def _tracking(R: Any) -> None:
     print(f"\ntracking on vs off: train + val epoch, interleaved in one process: {proto.get('rounds')} rounds x "
           f"{proto.get('block_epochs')} epochs per variant, order rotated each round, drains between blocks "
           f"untimed; first epochs of blocks {'dropped' if proto.get('drop_first_epoch_of_block') else 'kept'}")
-    print(f"  {'variant':22s} {'img/s':>9s} {'median s':>9s} {'x untracked':>12s} {'per round (median)':>34s}  "
+    print(f"  {'variant':28s} {'img/s':>9s} {'median s':>9s} {'x untracked':>12s} {'per round (median)':>34s}  "
           f"{'max drain after a block (io / upload queue)'}")
     for row in rows:
         if "img_per_s" not in row:
-            print(f"  {row['name']:22s} {_status(row)}")
+            print(f"  {row['name']:28s} {_status(row)}")
             continue
         rounds = " ".join(f"{x:.3f}" for x in row.get("round_ratios", []))
         per_round = f"{rounds} ({row['median_round_ratio']:.3f})" if row.get("median_round_ratio") else "-"
@@ -128,7 +128,7 @@ def _tracking(R: Any) -> None:
             drains += f"; renderer CPU {row['renderer_cpu_s']} s"
         if "hooks_ms_median" in row:
             drains += f"; hooks on the training thread {row['hooks_ms_median']} ms median, {row['hooks_ms_max']} max"
-        print(f"  {row['name']:22s} {row['img_per_s']:9,.0f} {row['median_epoch_s']:9.4f} {ratio:>12s} "
+        print(f"  {row['name']:28s} {row['img_per_s']:9,.0f} {row['median_epoch_s']:9.4f} {ratio:>12s} "
               f"{per_round:>34s}  {drains}")
 
 
