@@ -1,22 +1,23 @@
-"""Per-epoch confusion-matrix figures: rendered once per epoch for every sink (MLflow, TensorBoard), and
-on a GPU in a child process, so that matplotlib never holds the training process's GIL.
+"""Per-epoch confusion-matrix figures: rendered once per epoch for every sink (MLflow, TensorBoard), at most
+~1/10 of the wall time, and on a GPU in a child process, so that matplotlib stays off the training process.
 
-Why a process: rendering one figure is pure-Python matplotlib work that holds the GIL for most of its
-duration (measured on a 2-core CPU machine: ~0.2-0.3 s for 2 classes, ~0.5-0.7 s for 8 to 10 classes,
-with the holding thread taking that much from a thread that launches small torch ops). On the epoch-IO
-thread it competes with the training thread, which needs the GIL to queue the next kernels while the GPU
-has just drained at the epoch boundary; the default config rendered it twice per epoch (MLflow and
-TensorBoard). In a child process it costs the training process only the pickling of a small matrix.
+Why: rendering one figure is pure-Python matplotlib work that holds the GIL for most of its duration
+(measured on a 2-core CPU machine: ~0.2-0.3 s for 2 classes, ~0.5-0.7 s for 8 to 10 classes, with the
+rendering thread taking that much from a thread that launches small torch ops). On the epoch-IO thread it
+competes with the training thread, which must queue the next kernels while the GPU waits; the default
+config rendered it twice per epoch (MLflow and TensorBoard). The benchmark's tracking group measures what
+it costs (bench/README.md).
 
 Modes:
 - ``separate_process=False`` (CPU training, synchronous epoch IO): each figure is rendered on the epoch-IO
-  worker, in epoch order, every epoch - as before, but once for both sinks.
+  worker, in epoch order.
 - ``separate_process=True``: the training thread hands the matrix to a one-worker ``spawn`` process pool
-  and goes on; finished renders are delivered to the sinks by later epoch-IO jobs, in epoch order, and
-  all of them at the end of the fit. Epochs shorter than a render would pile renders up behind each other:
-  at most ``MAX_PENDING`` wait, and an epoch whose figure would be one more is skipped (counted, and said
-  once at the end); the final val and test figures of ``report.finalize`` are always made.
-  If the pool cannot start or breaks, rendering falls back to the epoch-IO worker (a warning says so).
+  (started with the fit; one thread per native pool, nice 10) and goes on; finished renders are delivered to
+  the sinks by later epoch-IO jobs, in epoch order, and all of them at the end of the fit. If the pool cannot
+  start or breaks, rendering falls back to the epoch-IO worker (a warning says so).
+In both, the duty rule of :class:`EpochFigures` skips figures of epochs much shorter than a render (counted,
+and said once at the end); the last epoch's figure and the final val and test figures of
+``report.finalize`` are always made.
 """
 from __future__ import annotations
 
