@@ -23,19 +23,20 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
                     place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
 
 # The tracking group's variants: None (no hooks) or _mltrack.Tracking's (mlflow, figures, tensorboard,
-# every_epoch). tracked_default is what `mltrack train` does with the default config on a GPU: checkpoints,
-# MLflow metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and
-# TensorBoard, rendered in a child process under the duty rule (mltrack.figures). The other rows take one
-# part away or change one thing, to show what each costs: *_every_epoch renders every epoch's figure (no duty
-# rule); _unlimited without the child's thread limits and nice; _inline on the epoch-IO thread, as before the
-# child process existed (the old default rendered twice per epoch); tracked_tensorboard has no figures;
-# figures_render_only renders in the child and delivers nothing.
+# every_epoch). tracked_default is what `mltrack train` does with the default config: checkpoints, MLflow
+# metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and TensorBoard,
+# rendered on the epoch-IO thread under the figures' duty rule (mltrack.figures). The other rows take one part
+# away or change one thing, to show what each costs: tracked_default_every_epoch renders every epoch's figure
+# (no duty rule; the default before it, which also rendered twice per epoch); tracked_figures_process renders
+# every epoch's figure in a child process (MLTRACK_FIGURE_PROCESS=1), _unlimited without the child's thread
+# limits and nice; tracked_tensorboard has no figures; figures_render_only renders in the child and delivers
+# nothing.
 TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], bool]]] = {
     "untracked": None, "checkpoint_only": (False, None, False, False), "tracked": (True, None, False, False),
-    "tracked_tensorboard": (True, None, True, False), "tracked_default": (True, "process", True, False),
-    "tracked_default_every_epoch": (True, "process", True, True),
-    "tracked_default_unlimited": (True, "process_unlimited", True, True),
-    "tracked_default_inline": (True, "inline", True, True),
+    "tracked_tensorboard": (True, None, True, False), "tracked_default": (True, "inline", True, False),
+    "tracked_default_every_epoch": (True, "inline", True, True),
+    "tracked_figures_process": (True, "process", True, True),
+    "tracked_figures_process_unlimited": (True, "process_unlimited", True, True),
     "figures_render_only": (True, "process_nosink", False, True)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
@@ -246,7 +247,7 @@ class Plan:
             fit = context(model, loaders, self.device, batch, compiled=module)
             label = f"hymen_{tracked}{'' if module is None else '_compiled'}"
             # tracked = the default config's tracking (figures per epoch for MLflow and TensorBoard included)
-            tracking = (Tracking(self.work, label, bool(tracked), "process" if tracked else None)
+            tracking = (Tracking(self.work, label, bool(tracked), "inline" if tracked else None)
                         if tracked is not None else None)
             run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [], tracking)
             warm: dict[str, Any] = {"warmup_epochs": 2 * self.cfg["warmup"]}

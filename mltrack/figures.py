@@ -1,23 +1,25 @@
 """Per-epoch confusion-matrix figures: rendered once per epoch for every sink (MLflow, TensorBoard), at most
-~1/10 of the wall time, and on a GPU in a child process, so that matplotlib stays off the training process.
+~1/10 of the wall time.
 
 Why: rendering one figure is pure-Python matplotlib work that holds the GIL for most of its duration
 (measured on a 2-core CPU machine: ~0.2-0.3 s for 2 classes, ~0.5-0.7 s for 8 to 10 classes, with the
 rendering thread taking that much from a thread that launches small torch ops). On the epoch-IO thread it
 competes with the training thread, which must queue the next kernels while the GPU waits; the default
-config rendered it twice per epoch (MLflow and TensorBoard). The benchmark's tracking group measures what
-it costs (bench/README.md).
+config rendered it twice per epoch (MLflow and TensorBoard). Measured on an H100 (bench tracking group,
+resnet18, 0.53 s epochs, 8 classes, one render per epoch, TensorBoard on): +17 % and +24 % epoch time on the
+epoch-IO thread (two calls); in a child process +42 % (that child had no thread limits or nice; the
+limited child below was not measured on a GPU). Hence the duty rule of :class:`EpochFigures`, wherever the
+figure is rendered.
 
 Modes:
-- ``separate_process=False`` (CPU training, synchronous epoch IO): each figure is rendered on the epoch-IO
-  worker, in epoch order.
-- ``separate_process=True``: the training thread hands the matrix to a one-worker ``spawn`` process pool
-  (started with the fit; one thread per native pool, nice 10) and goes on; finished renders are delivered to
-  the sinks by later epoch-IO jobs, in epoch order, and all of them at the end of the fit. If the pool cannot
-  start or breaks, rendering falls back to the epoch-IO worker (a warning says so).
-In both, the duty rule of :class:`EpochFigures` skips figures of epochs much shorter than a render (counted,
-and said once at the end); the last epoch's figure and the final val and test figures of
-``report.finalize`` are always made.
+- ``separate_process=False`` (the default): each figure is rendered on the epoch-IO worker, in epoch order.
+- ``separate_process=True`` (``MLTRACK_FIGURE_PROCESS=1`` in ``run.py``): the training thread hands the
+  matrix to a one-worker ``spawn`` process pool (started with the fit; one thread per native pool, nice 10)
+  and goes on; finished renders are delivered to the sinks by later epoch-IO jobs, in epoch order, and all
+  of them at the end of the fit. If the pool cannot start or breaks, rendering falls back to the epoch-IO
+  worker (a warning says so).
+In both, the duty rule skips figures of epochs much shorter than a render (counted, and said once at the
+end); the last epoch's figure and the final val and test figures of ``report.finalize`` are always made.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     tracked = rows[("tracking", "tracked")]
     assert tracked.get("img_per_s", 0) > 0 and tracked["queue_drain_s"] >= 0  # mlflow is installed here
     variants = ["untracked", "checkpoint_only", "tracked", "tracked_tensorboard", "tracked_default",
-                "tracked_default_every_epoch", "tracked_default_unlimited", "tracked_default_inline",
+                "tracked_default_every_epoch", "tracked_figures_process", "tracked_figures_process_unlimited",
                 "figures_render_only"]
     for name in variants:  # one interleaved round of one epoch each (--tiny)
         row = rows[("tracking", name)]
