@@ -1,15 +1,16 @@
-"""Per-epoch confusion-matrix figures: rendered once per epoch for every sink (MLflow, TensorBoard), at most
-~1/10 of the wall time.
+"""Per-epoch confusion-matrix figures: drawn with PIL, once per epoch for every sink (MLflow, TensorBoard), at
+most ~1/10 of the wall time.
 
-Why: rendering one figure is pure-Python matplotlib work that holds the GIL for most of its duration
-(measured on a 2-core CPU machine: ~0.2-0.3 s for 2 classes, ~0.5-0.7 s for 8 to 10 classes, with the
-rendering thread taking that much from a thread that launches small torch ops). On the epoch-IO thread it
-competes with the training thread, which must queue the next kernels while the GPU waits; the default
-config rendered it twice per epoch (MLflow and TensorBoard). Measured on an H100 (bench tracking group,
-resnet18, 0.53 s epochs, 8 classes, one render per epoch, TensorBoard on): +17 % and +24 % epoch time on the
-epoch-IO thread (two calls); in a child process +42 % (that child had no thread limits or nice; the
-limited child below was not measured on a GPU). Hence the duty rule of :class:`EpochFigures`, wherever the
-figure is rendered.
+Why: the figure was a matplotlib render, pure-Python work that holds the GIL for most of its duration
+(measured on a 2-core CPU machine: ~0.2-0.3 s for 2 classes, ~0.5-0.7 s for 8 to 10 classes, taken from a
+thread that launches small torch ops). On the epoch-IO thread it competes with the training thread, which
+must queue the next kernels while the GPU waits; the default config rendered it twice per epoch (MLflow and
+TensorBoard). Measured on an H100 (bench tracking group, resnet18, 0.53 s epochs, 8 classes, one matplotlib
+render per epoch, TensorBoard on): +17 % and +24 % epoch time on the epoch-IO thread (two calls), +42 % in a
+child process without thread limits or nice. :func:`render_png` draws the same matrix with PIL in ~20 ms
+(~13 ms of it holding the GIL; same machine, 8 classes), and the duty rule of :class:`EpochFigures` bounds
+what is left. Neither was measured on a GPU (no device time was left); the final val/test figures of
+``report.finalize`` stay matplotlib's.
 
 Modes:
 - ``separate_process=False`` (the default): each figure is rendered on the epoch-IO worker, in epoch order.
@@ -23,6 +24,7 @@ end); the last epoch's figure and the final val and test figures of ``report.fin
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing
@@ -42,12 +44,68 @@ log = get_logger()
 Sink = Callable[[int, bytes], None]  # (epoch step, PNG bytes)
 
 
-def render_png(counts: list[list[int]], class_names: list[str], title: str) -> bytes:
-    """The confusion-matrix figure as PNG bytes (runs in the renderer process: numpy + matplotlib only)."""
-    from mltrack.metrics import confusion_matrix_figure
+# Anchors of a white-to-blue scale (matplotlib's "Blues" at 0, 0.5 and 1), interpolated linearly.
+_BLUES = ((247, 251, 255), (107, 174, 214), (8, 48, 107))
 
+
+def _blues(x: Any) -> Any:
+    """RGB uint8 of the scale at ``x`` (an array of values in [0, 1])."""
+    import numpy as np
+
+    anchors = np.array(_BLUES, dtype=np.float64)
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    low = anchors[0] + (anchors[1] - anchors[0]) * np.clip(2 * x, 0, 1)
+    high = anchors[1] + (anchors[2] - anchors[1]) * np.clip(2 * x - 1, 0, 1)
+    return np.where(x <= 0.5, low, high).round().astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def render_png(counts: list[list[int]], class_names: list[str], title: str) -> bytes:
+    """The epoch's confusion matrix as a PNG drawn with PIL: cells coloured by the row-normalised value
+    (recall per true class), annotated with the counts up to 30 classes, class names on both axes.
+
+    Not matplotlib (``metrics.confusion_matrix_figure``, still used for the final val/test figures): this
+    runs every epoch beside training, and PIL draws it in ~20 ms where matplotlib took ~0.5 s of GIL-bound
+    work (2-core CPU machine, 8 classes)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    matrix = np.asarray(counts, dtype=np.int64)
+    n = matrix.shape[0]
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    cell = int(np.clip(560 // max(n, 1), 14, 56))
+    font, label_font = _font(max(8, min(14, cell // 3))), _font(12)
+    names = [str(c)[:24] for c in class_names]
+    label_w = max([int(label_font.getlength(c)) for c in names] + [10]) + 8
+    left, top, side = label_w + 24, 36, n * cell
+    image = Image.new("RGB", (left + side + 10, top + side + label_w + 24), "white")
+    image.paste(Image.fromarray(_blues(norm)).resize((side, side), Image.Resampling.NEAREST), (left, top))
+    draw = ImageDraw.Draw(image)
+    draw.text((left + side / 2, 10), title, fill="black", font=label_font, anchor="mt")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                draw.text((left + (j + 0.5) * cell, top + (i + 0.5) * cell), str(int(matrix[i, j])),
+                          fill="white" if norm[i, j] > 0.5 else "black", font=font, anchor="mm")
+    for i, name in enumerate(names):
+        draw.text((left - 6, top + (i + 0.5) * cell), name, fill="black", font=label_font, anchor="rm")
+    strip = Image.new("RGB", (label_w, side), "white")  # the predicted classes' names, turned upright below
+    for j, name in enumerate(names):
+        ImageDraw.Draw(strip).text((label_w - 4, (j + 0.5) * cell), name, fill="black", font=label_font,
+                                   anchor="rm")
+    image.paste(strip.rotate(90, expand=True), (left, top + side + 4))
+    draw.text((left + side / 2, image.height - 4), "predicted", fill="black", font=label_font, anchor="md")
+    ylabel = Image.new("RGB", (side, 16), "white")
+    ImageDraw.Draw(ylabel).text((side / 2, 8), "true", fill="black", font=label_font, anchor="mm")
+    image.paste(ylabel.rotate(90, expand=True), (2, top))
     buf = io.BytesIO()
-    confusion_matrix_figure(counts, class_names, title).savefig(buf, format="png")
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -95,11 +153,8 @@ def _render_timed(counts: list[list[int]], class_names: list[str], title: str) -
 
 
 def _warm_up() -> None:
-    """The renderer process's first task: the imports a render needs, before the first epoch ends."""
-    import matplotlib.backends.backend_agg  # noqa: F401
-    import matplotlib.figure  # noqa: F401
-
-    import mltrack.metrics  # noqa: F401
+    """The renderer process's first task: the imports and the fonts a render needs, before the first epoch ends."""
+    render_png([[1]], ["a"], "")
 
 
 def epoch_title(step: int) -> str:

@@ -427,9 +427,10 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
 def _figures_hook(cfg: RunConfig, tracker: Any, tb_hook: Any, io: Any) -> Any:
     """The per-epoch confusion-matrix figures for MLflow and/or TensorBoard (None when neither wants them).
 
-    Rendered on the epoch-IO worker under the figures' duty rule; env ``MLTRACK_FIGURE_PROCESS=1`` renders them
-    in a child process instead (with background epoch IO). Not the default: on an H100 a child rendering every
-    epoch's figure slowed 0.53 s resnet18 epochs by 42 % against 17-24 % on the worker (``mltrack.figures``)."""
+    Drawn on the epoch-IO worker under the figures' duty rule; env ``MLTRACK_FIGURE_PROCESS=1`` draws them in a
+    child process instead (with background epoch IO). Not the default: on an H100 a child rendering every
+    epoch's (then matplotlib) figure slowed 0.53 s resnet18 epochs by 42 % against 17-24 % on the worker
+    (``mltrack.figures``)."""
     from mltrack.figures import EpochFigures, mlflow_sink, tensorboard_sink
     from mltrack.hooks import FiguresHook
 
