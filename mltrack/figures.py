@@ -169,8 +169,8 @@ class EpochFigures:
 
     Duty rule: an epoch's figure is skipped while less than ``DUTY`` x the last render's duration has passed
     since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time wherever it
-    runs (with long epochs - the usual case - every epoch gets its figure; 0.5 s epochs and 0.25 s renders
-    get one every ~5 epochs). ``finish`` renders the last epoch's figure if it was skipped. With a child
+    runs (with epochs longer than 10 renders - the usual case - every epoch gets its figure; 0.05 s epochs
+    and 20 ms renders get one every ~4 epochs). ``finish`` renders the last epoch's figure if it was skipped. With a child
     process, at most ``MAX_PENDING`` renders wait besides.
     """
 
