@@ -1,10 +1,11 @@
 """Side effects of an epoch: checkpoints, MLflow, TensorBoard, console. The loop knows none of them.
 
 Order matters and is fixed in ``run.py``: checkpoint (write + queue upload) -> MLflow metrics ->
-commit tag -> confusion-matrix figures -> TensorBoard -> console. The checkpoint, MLflow and TensorBoard work of an epoch runs as
-jobs on one :class:`EpochIO` worker thread, in that order, while the next epoch trains; what each job
-needs is captured on the training thread at the end of the epoch (the checkpoint as a CPU snapshot, whose
-host copies may still be in flight on a side stream: the job waits for them).
+commit tag -> confusion-matrix figures -> TensorBoard -> console. The checkpoint, MLflow, figure and
+TensorBoard work of an epoch runs as jobs on one :class:`EpochIO` worker thread, in that order, while the
+next epoch trains; what each job needs is captured on the training thread at the end of the epoch (the
+checkpoint as a CPU snapshot, whose host copies may still be in flight on a side stream: the job waits for
+them).
 The worker and the tracker's own sender are both FIFO, so the server never holds metrics for a step
 whose checkpoint upload was not queued before them (RELIABILITY rule 4), and a resume re-logs only
 steps that were not committed.
@@ -322,8 +323,9 @@ class TensorBoardHook(Hook):
 
 class FiguresHook(Hook):
     """Each epoch's validation confusion matrix as one figure for MLflow (``tracking.confusion_every_epoch``)
-    and TensorBoard (``tracking.tensorboard``), rendered by :class:`mltrack.figures.EpochFigures` (in a child
-    process when training on a GPU). The matrix is handed over at the epoch end; finished figures are
+    and TensorBoard (``tracking.tensorboard``), drawn by :class:`mltrack.figures.EpochFigures` (on the ``io``
+    worker, or in a child process with ``MLTRACK_FIGURE_PROCESS=1``). The matrix is handed over at the epoch
+    end; finished figures are
     delivered by jobs on ``io``. Placed before the TensorBoard hook, so that the last figures are delivered
     before its writer closes; :meth:`close` (always, in ``run.py``) stops the renderer process."""
 
