@@ -98,6 +98,22 @@ def test_the_duty_rule_thins_out_short_epochs_and_keeps_the_last(separate_proces
     assert "4 of 6 per-epoch confusion-matrix figures were not rendered" in caplog.text
 
 
+def test_tensorboard_sink_stores_the_png_as_it_is(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mltrack.figures import tensorboard_sink
+
+    png = render_png(_matrix(3), NAMES, epoch_title(4))
+    writer = SummaryWriter(str(tmp_path))
+    tensorboard_sink(lambda: writer)(4, png)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    [image] = events.Images("confusion_matrix/val")
+    height, width = _pixels(png).shape[:2]
+    assert (image.step, image.width, image.height, image.encoded_image_string) == (4, width, height, png)
+
 def test_a_real_run_renders_its_epoch_figures_in_a_child_process(
         tiny_dataset: Callable[..., Path], run_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
