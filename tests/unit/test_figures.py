@@ -114,6 +114,7 @@ def test_tensorboard_sink_stores_the_png_as_it_is(tmp_path: Path) -> None:
     height, width = _pixels(png).shape[:2]
     assert (image.step, image.width, image.height, image.encoded_image_string) == (4, width, height, png)
 
+
 def test_a_real_run_renders_its_epoch_figures_in_a_child_process(
         tiny_dataset: Callable[..., Path], run_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
