@@ -28,7 +28,7 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -P fold=0 --env-manager local --experiment-name digits
 
 # Two pytest workers (pytest-xdist): many tests wait on CLI subprocesses and servers, so two workers on a
-# 2-core machine took 12-14 min where one took 20 (measured here). TEST_WORKERS=0 runs in one process.
+# 2-core machine took about 12 min where one took 20 (measured here). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
