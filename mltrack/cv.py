@@ -290,7 +290,7 @@ def _summarise(parent: Any, cfg: RunConfig, outcomes: list[FoldOutcome], run_dir
     parent.log_artifacts(tables, "cv")
     if (run_dir / "ensemble").is_dir():
         parent.log_artifacts(run_dir / "ensemble", "ensemble")
-    if states:
+    if states and cfg.tracking.log_model:
         model = package_model(run_dir / MODEL_ARTIFACT, states, members, example_image(cfg))
         parent.log_artifacts(model, MODEL_ARTIFACT)
     for line in (tables / "folds.md").read_text().splitlines():

@@ -19,7 +19,7 @@ log = get_logger()
 # Keys that may differ on resume without --allow-config-change: they do not change what was learned
 # so far, only how long or how visibly training continues.
 FREE_ON_RESUME = {"training.num_epochs", "data.num_workers", "tracking.progress", "tracking.tensorboard",
-                  "tracking.confusion_every_epoch", "training.device", "tracking.runs_dir",
+                  "tracking.confusion_every_epoch", "tracking.log_model", "training.device", "tracking.runs_dir",
                   "training.early_stopping.patience"}
 # Keys that decide which samples "batch k of epoch e" means: fixed for a checkpoint taken inside an epoch.
 POSITION_KEYS = {"training.batch_size", "training.gradient_accumulation_steps", "data.sampler", "training.seed"}

@@ -27,9 +27,11 @@ from conftest import synthetic_image
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 4
 # Tiny but real: 3 classes x 12 PNGs of 16 px (15 train images -> 4 batches of 4, the last one of 3),
-# random affine augmentation, deterministic algorithms, nothing that would slow a 2-core runner.
+# random affine augmentation, deterministic algorithms, nothing that would slow a 2-core runner (no model/
+# either: these tests resume checkpoints, and packaging the pyfunc costs each process ~4 s).
 TRAIN_SETS = ["data.dataset_name=tiny", "data.image_size=16", "training.deterministic=true",
-              "tracking.progress=off", "tracking.tensorboard=false", "tracking.confusion_every_epoch=false"]
+              "tracking.progress=off", "tracking.tensorboard=false", "tracking.confusion_every_epoch=false",
+              "tracking.log_model=false"]
 TRAINER_SETS = {"standard": [], "mixed_precision": ["training.amp_dtype=bfloat16"],
                 "dp": ["training.dp.noise_multiplier=1.0", "training.dp.max_grad_norm=1.0"]}
 COMPARED = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
@@ -290,6 +292,8 @@ def test_kill9_after_epoch_2_then_resume_is_bit_identical(trainer: str, workers:
     best = torch.load(run_dir / "weights" / "best.pt", weights_only=True)
     assert best["progress"]["best_epoch"] == best_epoch == int(run.data.tags["mltrack.best_epoch"])
     assert {"last.pt", "last.pt.sha256", "best.pt", "best.pt.sha256", "prev.pt"} <= artifact_names(store, run_id, "weights")
+    # tracking.log_model=false (TRAIN_SETS), kept through the resume: no model/ packaged, here or in the store.
+    assert not (run_dir / "model").exists() and "model" not in artifact_names(store, run_id, "")
 
 
 # ---------------------------------------------------------------- T07: SIGTERM inside an epoch, via `mlflow run`
