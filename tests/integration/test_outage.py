@@ -42,7 +42,9 @@ def _server(root: Path, started: list[Server], port: int | None = None) -> Serve
 
 def _train(root: Path, name: str, uri: str, epochs: int, **env: str) -> Cli:
     work = root / name
-    return Cli(train_args(root, work, "standard", 0, epochs), work, env_for(uri, **HTTP_ENV, **env), name)
+    # model/ on (TRAIN_SETS turns it off): the end-of-run packaging must reach the store through an outage too.
+    args = train_args(root, work, "standard", 0, epochs, "--set", "tracking.log_model=true")
+    return Cli(args, work, env_for(uri, **HTTP_ENV, **env), name)
 
 
 def _epoch_gaps(log: str) -> list[float]:
@@ -63,6 +65,7 @@ def _assert_complete(uri: str, run_id: str, epochs: int, local_last: Path, tmp: 
     names = {Path(f.path).name for f in client.list_artifacts(run_id, "weights")}
     assert {"last.pt", "last.pt.sha256", "best.pt", "best.pt.sha256", "prev.pt"} <= names
     assert {Path(f.path).name for f in client.list_artifacts(run_id, "reports")} >= {"classification_report_test.txt"}
+    assert "model/MLmodel" in {f.path for f in client.list_artifacts(run_id, "model")}
 
 
 def test_server_killed_in_epoch_2_and_restarted_10s_later(tmp_path_factory: pytest.TempPathFactory,
