@@ -102,7 +102,8 @@ def test_imbalanced_quarantined_set_splits_and_trains(tmp_path):
          "--batch-size", "16", "--num-workers", "0", "--device", "cpu",
          "--set", "data.dataset_name=imb", "--set", "data.image_size=8", "--set", "data.transforms=none",
          "--set", "training.class_weights=auto", "--set", "tracking.progress=off",
-         "--set", "tracking.tensorboard=false", "--set", "tracking.confusion_every_epoch=false"],
+         "--set", "tracking.tensorboard=false", "--set", "tracking.confusion_every_epoch=false",
+         "--set", "tracking.log_model=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170)
     assert train.returncode == 0, train.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")

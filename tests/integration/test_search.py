@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--num-epochs", "1", "--set", "data.dataset_name=tiny", "--set", "data.image_size=8",
         "--set", "data.num_workers=0", "--set", "training.batch_size=8", "--set", "tracking.progress=off",
         "--set", "tracking.confusion_every_epoch=false", "--set", "tracking.tensorboard=false",
-        "--set", "scheduler.name=none"]
+        "--set", "scheduler.name=none", "--set", "tracking.log_model=false"]  # trials here need no model/
 LOCK_ERRORS = ("database is locked", "OperationalError", "LockError")
 
 
