@@ -142,8 +142,8 @@ class TrackingConfig(_Frozen):
     tensorboard: bool = True
     confusion_every_epoch: bool = True
     # model/ (the best weights as an MLflow pyfunc) at the end of a run, as MLflow autolog's log_models and
-    # Lightning's MLFlowLogger(log_model=...). Off saves the packaging (~4 s on 2 cores, mostly MLflow's
-    # check of the requirements against every installed package) where only the checkpoints matter.
+    # Lightning's MLFlowLogger(log_model=...). Off saves the packaging (~2.7 s a run on 2 cores, much of it
+    # MLflow checking the requirements against every installed package) where only the checkpoints matter.
     log_model: bool = True
     progress: Literal["auto", "on", "off"] = "auto"  # rich progress bars; auto: only on a TTY
 

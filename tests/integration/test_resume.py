@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 4
 # Tiny but real: 3 classes x 12 PNGs of 16 px (15 train images -> 4 batches of 4, the last one of 3),
 # random affine augmentation, deterministic algorithms, nothing that would slow a 2-core runner (no model/
-# either: these tests resume checkpoints, and packaging the pyfunc costs each process ~4 s).
+# either: these tests resume checkpoints, and packaging the pyfunc costs each process ~3 s).
 TRAIN_SETS = ["data.dataset_name=tiny", "data.image_size=16", "training.deterministic=true",
               "tracking.progress=off", "tracking.tensorboard=false", "tracking.confusion_every_epoch=false",
               "tracking.log_model=false"]
