@@ -93,6 +93,12 @@ def _importable(module: str) -> Optional[str]:
         return f"{module} not importable ({type(err).__name__}: {str(err)[:120]})"
 
 
+def _store_missing() -> Optional[str]:
+    """Why the tracked variants cannot run: they log to a sqlite store, which needs sqlalchemy and alembic
+    beside mlflow (mlflow-skinny alone has no sqlite store and fails every tracked set-up)."""
+    return next(filter(None, map(_importable, ("mlflow", "sqlalchemy", "alembic"))), None)
+
+
 def run_all(R: Any, cfg: dict[str, Any], device: torch.device, cache_dir: Path, *, tiny: bool) -> None:
     t0 = time.perf_counter()
     w, h = cfg["size"]
@@ -237,7 +243,7 @@ class Plan:
             shutdown(loader)
         mode = "gpu" if self.cuda else "ram"
         cached = Lazy(lambda: self._build(mode, root, batch, ("train", "val")))
-        mlflow_missing = _importable("mlflow")
+        mlflow_missing = _store_missing()
 
         def mltrack_epochs(tracked: Optional[bool], compiled: Optional[Lazy] = None) -> dict[str, Any]:
             loaders = cached.get()
@@ -289,7 +295,7 @@ class Plan:
         model, mode = self.models[name], "gpu" if self.cuda else "ram"
         both = Lazy(lambda: self._build(mode, splits=("train", "val")))
         variants = dict(TRACKING_VARIANTS)
-        unavailable = {v: _importable("mlflow") for v, spec in variants.items() if spec is not None and spec[0]}
+        unavailable = {v: _store_missing() for v, spec in variants.items() if spec is not None and spec[0]}
         wanted = {v: t for v, t in variants.items() if not unavailable.get(v) and v not in self.R.skip}
         session = Lazy(lambda: self._interleaved(both, model, wanted))
         for variant in variants:
