@@ -94,9 +94,9 @@ def _importable(module: str) -> Optional[str]:
 
 
 def _store_missing() -> Optional[str]:
-    """Why the tracked variants cannot run: they log to a sqlite store, which needs sqlalchemy and alembic
-    beside mlflow (mlflow-skinny alone has no sqlite store and fails every tracked set-up)."""
-    return next(filter(None, map(_importable, ("mlflow", "sqlalchemy", "alembic"))), None)
+    """Why the tracked variants cannot run: they log to a sqlite store, which needs sqlalchemy, alembic and
+    cryptography beside mlflow (mlflow-skinny alone has no sqlite store and fails every tracked set-up)."""
+    return next(filter(None, map(_importable, ("mlflow", "sqlalchemy", "alembic", "cryptography"))), None)
 
 
 def run_all(R: Any, cfg: dict[str, Any], device: torch.device, cache_dir: Path, *, tiny: bool) -> None:
