@@ -9,7 +9,8 @@ TensorBoard). Measured on an H100 (bench tracking group, resnet18, 0.53 s epochs
 render per epoch, TensorBoard on): +17 % and +24 % epoch time on the epoch-IO thread (two calls), +42 % in a
 child process without thread limits or nice. :func:`render_png` draws the same matrix with PIL in ~20 ms
 (~13 ms of it holding the GIL; same machine, 8 classes), and the duty rule of :class:`EpochFigures` bounds
-what is left. Neither was measured on a GPU (no device time was left); the final val/test figures of
+what is left. On the H100 (bench/results_pipeline_tracking_pil_h100.md, a noisy call): +4.3 % with
+MLflow and figures vs +3.9 % without figures and +7.8 % for checkpoints alone; the final val/test figures of
 ``report.finalize`` stay matplotlib's.
 
 Modes:
