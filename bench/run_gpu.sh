@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The full pipeline benchmark on one GPU machine, in one call (about 6-7 minutes, hard stop at 9):
 #     bash bench/run_gpu.sh            # results in $OUT/bench.json, log in $OUT/bench.log
-# Carry .whl/ (mlflow-skinny and its deps, with sqlalchemy, alembic, mako and cryptography
-# (+ cffi, pycparser) for the sqlite store) to measure
-# the MLflow-tracked variants; without them they skip.
+# Carry .whl/ (mlflow-skinny and its deps, with sqlalchemy, alembic, mako, cryptography, cffi and pycparser
+# for the sqlite store) to measure the MLflow-tracked variants; without them they skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-$PWD/.bench/out}"
@@ -23,7 +22,8 @@ fi
   python3 - <<'EOF'
 import importlib, sys
 print("python", sys.version.split()[0])
-for name in ("torch", "torchvision", "timm", "mlflow", "sqlalchemy", "alembic", "cryptography", "pydantic", "yaml", "PIL", "numpy"):
+for name in ("torch", "torchvision", "timm", "mlflow", "sqlalchemy", "alembic", "cryptography", "pydantic",
+             "yaml", "PIL", "numpy"):
     try:
         m = importlib.import_module(name)
         print(f"{name:12s} {getattr(m, '__version__', '?')}")

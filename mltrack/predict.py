@@ -87,7 +87,10 @@ def _drop_bytecode(model_dir: Path) -> None:
 def log_model_for_run(run_dir: Path, tracker: Any, cfg: RunConfig, class_names: list[str]) -> None:
     """Package ``<run_dir>/weights/best.pt`` as ``<run_dir>/model/`` and queue it as the run's ``model/``
     artifact. Called once at the end of training (main process). A failure here must not fail a run whose
-    training succeeded: it is logged as a warning and recorded as tag ``mltrack.model_error``."""
+    training succeeded: it is logged as a warning and recorded as tag ``mltrack.model_error``. Nothing is
+    packaged with ``tracking.log_model: false``."""
+    if not cfg.tracking.log_model:
+        return
     best = run_dir / "weights" / "best.pt"
     if not best.is_file():
         log.warning("no best.pt in %s: no model/ logged (no epoch improved %s)", run_dir, cfg.training.monitor)

@@ -74,10 +74,9 @@ def finalize(ctx: FitContext, run_dir: Path, tracker: Any, loaders: Any, resumed
         log.info(line)
     if (run_dir / "tensorboard").is_dir():
         tracker.log_artifacts(run_dir / "tensorboard", "tensorboard")
-    if ctx.cfg.tracking.log_model:
-        from mltrack.predict import log_model_for_run  # model/: the best weights as an MLflow pyfunc (DESIGN §4)
+    from mltrack.predict import log_model_for_run  # model/: the best weights as an MLflow pyfunc (DESIGN §4)
 
-        log_model_for_run(run_dir, tracker, ctx.cfg, ctx.class_names)
+    log_model_for_run(run_dir, tracker, ctx.cfg, ctx.class_names)
     log_file = run_dir / "logs" / "train.log"
     if log_file.is_file():
         tracker.log_artifact(log_file, "logs")
