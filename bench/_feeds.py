@@ -305,7 +305,7 @@ def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[
         if any("process_cpu_s" in block for block in arm["blocks"]):  # CPU seconds per timed second, median
             row["process_cpus"] = round(statistics.median(
                 block["process_cpu_s"] / max(sum(block["epoch_s"]), 1e-9) for block in arm["blocks"]), 2)
-        for key in ("checkpoints_queued", "figures", "renderer_cpu_s"):  # running counts: the last block's is the total
+        for key in ("checkpoints_queued", "figures"):  # running counts: the last block's is the total
             if any(key in block for block in arm["blocks"]):
                 row[key] = arm["blocks"][-1].get(key)
         if base_median:

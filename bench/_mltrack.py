@@ -91,9 +91,8 @@ class Tracking:
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
                  tensorboard: bool | None = None, every_epoch: bool = False) -> None:
-        """``figures``: None, or the default config's per-epoch confusion figure (MLflow + TensorBoard, with
-        TensorBoard scalars) rendered in a child process (``"process"``; ``"process_unlimited"``: without the
-        child's thread limits and nice) or on the epoch-IO worker (``"inline"``)."""
+        """``figures``: None, or ``"inline"``: the default config's per-epoch confusion figure (MLflow +
+        TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it."""
         self.workdir = Path(workdir) / name
         self.figures = figures
         self.every_epoch = every_epoch  # figures: no duty rule (EpochFigures.DUTY = 0), one per epoch
@@ -133,11 +132,10 @@ class Tracking:
         self.figures_hook = None
         tb = TensorBoardHook(self.workdir / "tensorboard", self.io) if self.tensorboard else None
         if self.figures is not None and self.tracker is not None:  # the default config: figures + TensorBoard
-            sinks = [] if self.figures.endswith("nosink") else [mlflow_sink(self.tracker)]
+            sinks = [mlflow_sink(self.tracker)]
             if tb is not None:
                 sinks.append(tensorboard_sink(lambda: tb.writer))
-            figures = EpochFigures(sinks, separate_process=self.figures.startswith("process"),
-                                   limit_child=self.figures != "process_unlimited")
+            figures = EpochFigures(sinks)
             if self.every_epoch:
                 figures.DUTY = 0.0
             self.figures_hook = FiguresHook(figures, self.io)
@@ -155,8 +153,6 @@ class Tracking:
         if self.cpu_mark is not None:  # the block's epochs only: not this drain, not other variants' blocks
             cpu_s, self.cpu_mark = time.process_time() - self.cpu_mark, None
         t0 = time.perf_counter()
-        if self.figures_hook is not None:  # renders still running in the child process are delivered too
-            self.io.submit(self.figures_hook.figures.deliver, True)
         self.io.drain()
         out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
         if self.figures_hook is not None:
@@ -165,15 +161,6 @@ class Tracking:
         out["hooks_ms"] = [round(1e3 * t, 2) for t in self.hook_s]
         if cpu_s is not None:
             out["process_cpu_s"] = round(cpu_s, 3)
-        pool = self.figures_hook.figures._pool if self.figures_hook is not None else None
-        if pool is not None:  # the renderer process's CPU seconds so far (bench diagnostics: a private attribute)
-            try:
-                import psutil
-
-                out["renderer_cpu_s"] = round(sum(sum(psutil.Process(p).cpu_times()[:2])
-                                                  for p in pool._processes), 3)
-            except Exception:  # noqa: BLE001 - psutil missing or the process gone: no figure, no harm
-                pass
         self.hook_s.clear()  # in place: full_epochs holds this very list
         if self.tracker is not None:
             t0 = time.perf_counter()

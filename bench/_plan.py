@@ -27,17 +27,12 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
 # metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and TensorBoard,
 # rendered on the epoch-IO thread under the figures' duty rule (mltrack.figures). The other rows take one part
 # away or change one thing, to show what each costs: tracked_default_every_epoch renders every epoch's figure
-# (no duty rule; the default before it, which also rendered twice per epoch); tracked_figures_process renders
-# every epoch's figure in a child process (MLTRACK_FIGURE_PROCESS=1), _unlimited without the child's thread
-# limits and nice; tracked_tensorboard has no figures; figures_render_only renders in the child and delivers
-# nothing.
+# (no duty rule; the default before it, which also rendered twice per epoch); tracked_tensorboard has no
+# figures.
 TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], bool]]] = {
     "untracked": None, "checkpoint_only": (False, None, False, False), "tracked": (True, None, False, False),
     "tracked_tensorboard": (True, None, True, False), "tracked_default": (True, "inline", True, False),
-    "tracked_default_every_epoch": (True, "inline", True, True),
-    "tracked_figures_process": (True, "process", True, True),
-    "tracked_figures_process_unlimited": (True, "process_unlimited", True, True),
-    "figures_render_only": (True, "process_nosink", False, True)}
+    "tracked_default_every_epoch": (True, "inline", True, True)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",

@@ -124,7 +124,7 @@ def _tracking(R: Any) -> None:
             drains += f"; figures {row['figures']}"
         if "process_cpus" in row:
             drains += f"; process CPU {row['process_cpus']} cores"
-        if "renderer_cpu_s" in row:
+        if "renderer_cpu_s" in row:  # saved results of the child-process renderer (removed since) carry it
             drains += f"; renderer CPU {row['renderer_cpu_s']} s"
         if "hooks_ms_median" in row:
             drains += f"; hooks on the training thread {row['hooks_ms_median']} ms median, {row['hooks_ms_max']} max"

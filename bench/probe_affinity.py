@@ -7,9 +7,9 @@ burns a core (about 1.0x when they do not share a core).
     python bench/probe_affinity.py
 
 Written to test one explanation of the tracking group's finding that a child process rendering figures
-slowed training more than rendering them on a thread (bench/README.md). On an H100 machine (16 cores,
-bench/results_probe_affinity_h100.txt) nothing is pinned: all 16 cores everywhere, 1.02x, so that
-explanation is ruled out."""
+slowed training more than rendering them on a thread (README.md; that mode has since been removed). On an
+H100 machine (16 cores, bench/results_probe_affinity_h100.txt) nothing is pinned: all 16 cores everywhere,
+1.02x, so that explanation is ruled out."""
 import multiprocessing as mp
 import os
 import threading

@@ -1,41 +1,30 @@
-"""Per-epoch confusion-matrix figures: drawn with PIL, once per epoch for every sink (MLflow, TensorBoard), at
-most ~1/10 of the wall time.
+"""Per-epoch confusion-matrix figures: drawn with PIL on the epoch-IO worker, once per epoch for every sink
+(MLflow, TensorBoard), at most ~1/10 of the wall time.
 
 Why: the figure was a matplotlib render, pure-Python work that holds the GIL for most of its duration
 (measured on a 2-core CPU machine: ~0.2-0.3 s for 2 classes, ~0.5-0.7 s for 8 to 10 classes, taken from a
 thread that launches small torch ops). On the epoch-IO thread it competes with the training thread, which
 must queue the next kernels while the GPU waits; the default config rendered it twice per epoch (MLflow and
 TensorBoard). Measured on an H100 (bench tracking group, resnet18, 0.53 s epochs, 8 classes, one matplotlib
-render per epoch, TensorBoard on): +17 % and +24 % epoch time on the epoch-IO thread (two calls), +42 % in a
-child process without thread limits or nice. :func:`render_png` draws the same matrix with PIL in ~20 ms
-(~13 ms of it holding the GIL; same machine, 8 classes), and the duty rule of :class:`EpochFigures` bounds
-what is left. On the H100 (bench/results_pipeline_tracking_pil_h100.md, a noisy call): +4.3 % with
-MLflow and figures vs +3.9 % without figures and +7.8 % for checkpoints alone; the final val/test figures of
-``report.finalize`` stay matplotlib's.
+render per epoch, TensorBoard on): +17 % and +24 % epoch time on the epoch-IO thread (two calls).
+:func:`render_png` draws the same matrix with PIL in ~20 ms (~13 ms of it holding the GIL; same machine,
+8 classes), and the duty rule of :class:`EpochFigures` bounds what is left. On the H100
+(bench/results_pipeline_tracking_pil_h100.md, a noisy call): +4.3 % with MLflow and figures vs +3.9 % without
+figures and +7.8 % for checkpoints alone; a child-process renderer measured in the same call was not faster
+(+5.4 %), so it was removed. The final val/test figures of ``report.finalize`` stay matplotlib's.
 
-Modes:
-- ``separate_process=False`` (the default): each figure is rendered on the epoch-IO worker, in epoch order.
-- ``separate_process=True`` (``MLTRACK_FIGURE_PROCESS=1`` in ``run.py``): the training thread hands the
-  matrix to a one-worker ``spawn`` process pool (started with the fit; one thread per native pool, nice 10)
-  and goes on; finished renders are delivered to the sinks by later epoch-IO jobs, in epoch order, and all
-  of them at the end of the fit. If the pool cannot start or breaks, rendering falls back to the epoch-IO
-  worker (a warning says so).
-In both, the duty rule skips figures of epochs much shorter than a render (counted, and said once at the
-end); the last epoch's figure and the final val and test figures of ``report.finalize`` are always made.
+Each figure is rendered on the epoch-IO worker, in epoch order. The duty rule skips figures of epochs much
+shorter than a render (counted, and said once at the end); the last epoch's figure and the final val and
+test figures of ``report.finalize`` are always made.
 """
 from __future__ import annotations
 
 import functools
 import io
 import math
-import multiprocessing
-import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from mltrack.console import get_logger
@@ -110,54 +99,6 @@ def render_png(counts: list[list[int]], class_names: list[str], title: str) -> b
     return buf.getvalue()
 
 
-# The renderer process gets one thread per native pool and a lower priority: numpy's BLAS and OpenMP pools
-# start one thread per core and spin after use, and the training process needs those cores (see close()).
-_CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _init_renderer() -> None:
-    """First code of the renderer process (after its imports): one thread per pool, nice 10."""
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)  # pools loaded before the environment could say so (the parent's main module)
-    except ImportError:
-        pass
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in os.environ while a child process is spawned (it inherits the environment then)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _render_timed(counts: list[list[int]], class_names: list[str], title: str) -> tuple[bytes, float]:
-    """:func:`render_png` and the seconds it took (for the duty rule of :class:`EpochFigures`)."""
-    start = time.perf_counter()
-    png = render_png(counts, class_names, title)
-    return png, time.perf_counter() - start
-
-
-def _warm_up() -> None:
-    """The renderer process's first task: the imports and the fonts a render needs, before the first epoch ends."""
-    render_png([[1]], ["a"], "")
-
-
 def epoch_title(step: int) -> str:
     return f"val, epoch {step}"
 
@@ -165,49 +106,34 @@ def epoch_title(step: int) -> str:
 class EpochFigures:
     """Renders each epoch's validation confusion matrix once and hands the PNG to every sink, in epoch order.
 
-    ``offer`` is called on the training thread at the end of an epoch; ``deliver`` runs on the epoch-IO
-    worker (``block=True`` at the end of the fit); ``close`` stops the renderer process (idempotent).
+    ``offer`` is called on the training thread at the end of an epoch; ``deliver`` renders the queued
+    figures on the epoch-IO worker; ``close`` says how many figures were skipped (once).
 
     Duty rule: an epoch's figure is skipped while less than ``DUTY`` x the last render's duration has passed
-    since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time wherever it
-    runs (with epochs longer than 10 renders - the usual case - every epoch gets its figure; 0.05 s epochs
-    and 20 ms renders get one every ~4 epochs). ``finish`` renders the last epoch's figure if it was skipped. With a child
-    process, at most ``MAX_PENDING`` renders wait besides.
+    since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time (with epochs
+    longer than 10 renders - the usual case - every epoch gets its figure; 0.05 s epochs and 20 ms renders
+    get one every ~4 epochs). ``finish`` renders the last epoch's figure if it was skipped.
     """
 
-    MAX_PENDING = 2
     DUTY = 10.0
 
-    def __init__(self, sinks: list[Sink], separate_process: bool, limit_child: bool = True) -> None:
+    def __init__(self, sinks: list[Sink]) -> None:
         self.sinks = sinks
-        self.separate_process = separate_process
-        self.limit_child = limit_child  # False: the child's thread pools as they come (the benchmark's A/B)
         self.skipped = 0
         self.offered = 0
         self.render_s = 0.0  # duration of the last render (set on the epoch-IO worker, read by offer)
         self._last_at = -math.inf  # when the last rendered figure was offered (time.monotonic)
         self._held: tuple[int, list[list[int]], list[str]] | None = None  # the latest epoch, if skipped
         self._said = False
-        self._pool: ProcessPoolExecutor | None = None
-        # (step, render): offer() appends on the training thread, deliver() pops on the epoch-IO worker
-        self._pending: list[tuple[int, Future[tuple[bytes, float]] | tuple[list[list[int]], list[str]]]] = []
+        # (step, counts, class names): offer() appends on the training thread, deliver() pops on the epoch-IO worker
+        self._pending: list[tuple[int, list[list[int]], list[str]]] = []
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        """Start the renderer process now (at the start of the fit, not at the first epoch end: the spawn
-        itself takes milliseconds of the calling thread, the imports in the child about a second)."""
-        if self.separate_process:
-            try:
-                with _environment(_CHILD_ENV if self.limit_child else {}):  # the process is spawned in submit()
-                    self._renderer().submit(_warm_up)
-            except Exception as err:  # noqa: BLE001 - see offer()
-                self._fall_back(err)
-
     def offer(self, step: int, counts: list[list[int]], class_names: list[str]) -> None:
-        """Queue epoch ``step``'s figure, or skip it (duty rule, or ``MAX_PENDING`` renders still running)."""
+        """Queue epoch ``step``'s figure, or skip it (duty rule)."""
         self.offered += 1
         now = time.monotonic()
-        if now - self._last_at < self.DUTY * self.render_s or self._running() >= self.MAX_PENDING:
+        if now - self._last_at < self.DUTY * self.render_s:
             self.skipped += 1
             self._held = (step, counts, class_names)
             return
@@ -221,73 +147,40 @@ class EpochFigures:
 
     def _queue(self, step: int, counts: list[list[int]], class_names: list[str], now: float) -> None:
         self._last_at, self._held = now, None
-        job: Future[tuple[bytes, float]] | tuple[list[list[int]], list[str]] = (counts, class_names)  # inline
-        if self.separate_process:
-            try:
-                job = self._renderer().submit(_render_timed, counts, class_names, epoch_title(step))
-            except Exception as err:  # noqa: BLE001 - no process (spawn refused, pool broken): on the worker
-                self._fall_back(err)
         with self._lock:
-            self._pending.append((step, job))
+            self._pending.append((step, counts, class_names))
 
-    def _running(self) -> int:
-        if not self.separate_process:
-            return 0  # inline renders run in deliver(), one at a time
-        with self._lock:
-            return sum(1 for _, job in self._pending if isinstance(job, Future) and not job.done())
-
-    def deliver(self, block: bool = False) -> None:
-        """Send every finished figure (``block``: every figure) to the sinks, oldest first, stopping at the
-        first unfinished render so that figures reach a sink in epoch order."""
+    def deliver(self) -> None:
+        """Render every queued figure and send it to the sinks, oldest first."""
         while True:
             with self._lock:
                 if not self._pending:
                     return
-                step, job = self._pending[0]
-                if isinstance(job, Future) and not (block or job.done()):
-                    return
-                self._pending.pop(0)
-            png = self._result(step, job)  # outside the lock: a render may take a while
+                step, counts, class_names = self._pending.pop(0)
+            png = self._render(step, counts, class_names)  # outside the lock: offer() must not wait for a render
             if png is not None:
                 for sink in self.sinks:
                     sink(step, png)
 
     def close(self) -> None:
-        """Stop the renderer process (queued renders are dropped); say how many figures were skipped."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Say how many figures were skipped (once, however often it is called)."""
         if self.skipped and not self._said:
             self._said = True
             log.info("%d of %d per-epoch confusion-matrix figures were not rendered: epochs are shorter than "
                      "%g renders (%.2f s each); the last epoch's and the final val and test figures are complete",
                      self.skipped, self.offered, self.DUTY, self.render_s)
 
-    def _result(self, step: int, job: Future[tuple[bytes, float]] | tuple[list[list[int]], list[str]]
-                ) -> bytes | None:
+    def _render(self, step: int, counts: list[list[int]], class_names: list[str]) -> bytes | None:
+        """:func:`render_png`, timing it for the duty rule; None if it failed."""
         try:
-            png, self.render_s = job.result() if isinstance(job, Future) else _render_timed(
-                job[0], job[1], epoch_title(step))
+            start = time.perf_counter()
+            png = render_png(counts, class_names, epoch_title(step))
+            self.render_s = time.perf_counter() - start
             return png
         except Exception as err:  # noqa: BLE001 - a lost figure must not fail the training run
             log.warning("the confusion-matrix figure of epoch %d was not rendered (%s: %s)", step,
                         type(err).__name__, err)
             return None
-
-    def _renderer(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn, not fork: a fork of a process whose torch has started OpenMP or CUDA can deadlock.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_renderer if self.limit_child else None)
-        return self._pool
-
-    def _fall_back(self, err: BaseException) -> None:
-        log.warning("confusion-matrix figures: the renderer process is not available (%s: %s); rendering "
-                    "on the epoch-IO thread instead", type(err).__name__, err)
-        self.separate_process = False
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
 
 def tensorboard_sink(writer: Callable[[], Any]) -> Sink:

@@ -323,19 +323,14 @@ class TensorBoardHook(Hook):
 
 class FiguresHook(Hook):
     """Each epoch's validation confusion matrix as one figure for MLflow (``tracking.confusion_every_epoch``)
-    and TensorBoard (``tracking.tensorboard``), drawn by :class:`mltrack.figures.EpochFigures` (on the ``io``
-    worker, or in a child process with ``MLTRACK_FIGURE_PROCESS=1``). The matrix is handed over at the epoch
-    end; finished figures are
-    delivered by jobs on ``io``. Placed before the TensorBoard hook, so that the last figures are delivered
-    before its writer closes; :meth:`close` (always, in ``run.py``) stops the renderer process."""
+    and TensorBoard (``tracking.tensorboard``), drawn by :class:`mltrack.figures.EpochFigures` on the ``io``
+    worker. The matrix is handed over at the epoch end; jobs on ``io`` render and deliver the figures.
+    Placed before the TensorBoard hook, so that the last figures are delivered before its writer closes;
+    :meth:`close` (always, in ``run.py``) logs how many figures the duty rule skipped."""
 
     def __init__(self, figures: EpochFigures, io: EpochIO | None = None) -> None:
         self.figures = figures
         self.io = io if io is not None else EpochIO(inline=True)
-
-    def on_fit_start(self, ctx: FitContext) -> None:
-        if ctx.trainer.is_main_process:
-            self.figures.start()
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.trainer.is_main_process or ctx.last is None:
@@ -346,7 +341,7 @@ class FiguresHook(Hook):
     def on_fit_end(self, ctx: FitContext) -> None:
         if ctx.trainer.is_main_process:
             self.figures.finish()  # the last epoch's figure, if the duty rule skipped it
-            self.io.submit(self.figures.deliver, True)
+            self.io.submit(self.figures.deliver)
 
     on_interrupt = on_fit_end  # a stopped run still gets the figures of its finished epochs
 

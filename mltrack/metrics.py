@@ -162,7 +162,7 @@ def confusion_matrix_figure(cm: torch.Tensor | Any, class_names: Sequence[str], 
     """A matplotlib Figure (Agg canvas, no pyplot state) of ``cm``: colours are row-normalised (recall
     per true class, so rare classes are as visible as common ones), cells annotated with raw counts.
     Size grows with the class count so 10+ labels stay readable; annotations stop above 30 classes.
-    ``cm``: a tensor, or a numpy array / nested lists (the figure renderer's child process has no torch)."""
+    ``cm``: a tensor, or a numpy array / nested lists."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -415,7 +415,7 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
         raise
     finally:
         if figures_hook is not None:
-            figures_hook.close()  # the renderer process, if one was started
+            figures_hook.close()  # logs the figures the duty rule skipped, also when the run failed
     trainer.wait_for_everyone()  # best.pt is complete before every process loads it for the test evaluation
     from mltrack.report import finalize
 
@@ -427,10 +427,7 @@ def _train_in_session(s: Session, built: Built, epoch_callback: Any) -> TrainRes
 def _figures_hook(cfg: RunConfig, tracker: Any, tb_hook: Any, io: Any) -> Any:
     """The per-epoch confusion-matrix figures for MLflow and/or TensorBoard (None when neither wants them).
 
-    Drawn on the epoch-IO worker under the figures' duty rule; env ``MLTRACK_FIGURE_PROCESS=1`` draws them in a
-    child process instead (with background epoch IO). Not the default: on an H100 a child rendering every
-    epoch's (then matplotlib) figure slowed 0.53 s resnet18 epochs by 42 % against 17-24 % on the worker
-    (``mltrack.figures``)."""
+    Drawn with PIL on the epoch-IO worker under the figures' duty rule (``mltrack.figures``)."""
     from mltrack.figures import EpochFigures, mlflow_sink, tensorboard_sink
     from mltrack.hooks import FiguresHook
 
@@ -441,8 +438,7 @@ def _figures_hook(cfg: RunConfig, tracker: Any, tb_hook: Any, io: Any) -> Any:
         sinks.append(tensorboard_sink(lambda: tb_hook.writer))
     if not sinks:
         return None
-    separate = os.environ.get("MLTRACK_FIGURE_PROCESS", "").strip().lower() in ("1", "true", "yes")
-    return FiguresHook(EpochFigures(sinks, separate_process=separate and not io.inline), io)
+    return FiguresHook(EpochFigures(sinks), io)
 
 
 def class_weights(cfg: RunConfig, targets: list[int], n_classes: int) -> torch.Tensor:

@@ -189,7 +189,8 @@ class Tracker:
         self._queue_staged(staged, rel)
 
     def log_image_bytes(self, data: bytes, artifact_file: str) -> None:
-        """Queue an image already encoded elsewhere (a PNG rendered in another process) as ``artifact_file``."""
+        """Queue an image already encoded elsewhere (a PNG of ``mltrack.figures.render_png``) as
+        ``artifact_file``."""
         rel = PurePosixPath(artifact_file)
         staged = self._stage_dir() / rel.name
         staged.write_bytes(data)

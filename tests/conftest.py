@@ -69,6 +69,6 @@ def run_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLTRACK_FAULT_AT",
-                "MLTRACK_SYNC_EPOCH_IO", "MLTRACK_FIGURE_PROCESS"):
+                "MLTRACK_SYNC_EPOCH_IO"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
