@@ -17,6 +17,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   echo "run_gpu.sh: no .whl/ here; going on without mlflow (tracked variants will skip)"
 fi
+# Noise diagnostics: the host's load average (a container sees the host's) and the cgroup's CPU quota and
+# throttling counters, before and after. Epoch times of the same variant spread by up to 25 % in some calls;
+# these say whether other tenants or a CPU quota were the cause.
+machine_load() {
+  echo "machine load ($1): loadavg $(cat /proc/loadavg 2>/dev/null); nproc $(nproc);" \
+       "cpu.max $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo n/a);" \
+       "cpu.stat $(grep -E 'nr_throttled|throttled_usec' /sys/fs/cgroup/cpu.stat 2>/dev/null | tr '\n' ' ')"
+}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
   python3 - <<'EOF'
@@ -30,8 +38,10 @@ for name in ("torch", "torchvision", "timm", "mlflow", "sqlalchemy", "alembic", 
     except Exception as err:  # recorded; the benchmark skips what needs it
         print(f"{name:12s} MISSING ({type(err).__name__}: {err})")
 EOF
+  machine_load start
   timeout -k 10 540 python3 bench/bench_pipeline.py --out "$OUT" --budget-s 420 "$@"
   status=$?
+  machine_load end
   echo "run_gpu.sh: bench_pipeline exit status $status"
   echo "$status" > "$OUT/exit_status"
 } 2>&1 | tee "$OUT/bench.log"
