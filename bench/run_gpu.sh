@@ -42,6 +42,8 @@ EOF
   timeout -k 10 540 python3 bench/bench_pipeline.py --out "$OUT" --budget-s 420 "$@"
   status=$?
   machine_load end
+  # ~15 s: does a checkpoint write on another thread slow a thread that launches kernels (the GIL)?
+  timeout -k 5 45 python3 bench/probe_save_gil.py --seconds 1.5 || echo "run_gpu.sh: probe_save_gil failed"
   echo "run_gpu.sh: bench_pipeline exit status $status"
   echo "$status" > "$OUT/exit_status"
 } 2>&1 | tee "$OUT/bench.log"

@@ -1,7 +1,8 @@
 """bench/bench_pipeline.py --tiny runs end to end on CPU: every CPU variant measures, GPU-only ones skip
 with a reason, the table and targets print, and bench.json holds what was printed. Also: the interleaved
 timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
-hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size."""
+hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size; and
+bench/probe_save_gil.py in its quick mode."""
 from __future__ import annotations
 
 import json
@@ -74,6 +75,21 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     md = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--markdown",
                          str(tmp_path / "out" / "bench.json")], env=env, capture_output=True, text=True, timeout=60)
     assert md.returncode == 0 and "| (1) reference: ImageFolder+PIL workers, fp32 |" in md.stdout, md.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_save_gil_probe_runs_and_prints_every_way(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "probe_save_gil.py"), "--mb", "1", "--tensors", "8", "--seconds",
+         "0.1", "--dir", str(tmp_path)],
+        env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if "x alone" in line]
+    assert [line.split("loop")[0].strip() for line in lines] == [
+        "nothing", "torch.save to disk", "torch.save to BytesIO", "plain file write"]
+    assert "1.00x alone" in lines[0]
+    assert all("one write" in line and "ms" in line for line in lines)
+    assert list(tmp_path.iterdir()) == []  # the temp dir and its file are gone
 
 
 def test_markdown_reads_result_files_from_before_the_interleaved_measurement() -> None:

@@ -1,0 +1,121 @@
+"""Does a checkpoint write on the epoch-IO thread slow the training thread through the GIL?
+
+The training thread is stood in for by a loop of small torch ops (CUDA launches when a GPU is there, as the
+training loop's are; CPU ops otherwise), which take the GIL back after each op. A second thread writes a state
+shaped like the one ``mltrack.snapshot`` hands the writer (per section one flat host buffer, the tensors views
+into it) over and over, in one of several ways. Printed per way: the loop's rate as a fraction of its rate
+alone, the time it spent in stalls longer than 4 ms (per second), its longest stall, and one write's median
+duration.
+
+    python bench/probe_save_gil.py                 # 2 x 45 MB (resnet18 weights + momentum), 2 s per way
+    python bench/probe_save_gil.py --mb 2 --seconds 0.2 --dir /tmp/x   # quick (the smoke test)
+
+Why: on this project's 2-core CPU machine (torch 2.14, ``results_probe_save_gil_cpu2.txt``) ``torch.save`` of
+90 MB in a loop cut the loop's rate to 0.45-0.7x, with single stalls of 25-160 ms (two runs), while a plain
+Python file write of the same bytes (the GIL released) cost it ~5 % and no stall over 3 ms. Whether that
+matters beside a GPU-bound training step is what this measures on a GPU machine, with the tracking group of
+``bench_pipeline.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def flat_state(mb: float, tensors: int) -> tuple[dict[str, dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Two sections ("model", "optimizer"), each one flat float32 buffer of ``mb`` MB cut into ``tensors`` views."""
+    n = max(tensors, int(mb * (1 << 20) / 4))
+    flats = [torch.randn(n), torch.randn(n)]
+    step = n // tensors
+    state = {name: {f"t{i}": flat[i * step:(i + 1) * step] for i in range(tensors)}
+             for name, flat in zip(("model", "optimizer"), flats)}
+    return state, flats
+
+
+def writers(state: dict[str, dict[str, torch.Tensor]], flats: list[torch.Tensor], path: Path
+            ) -> dict[str, Callable[[], None] | None]:
+    def raw_write() -> None:
+        with open(path, "wb") as f:
+            for flat in flats:
+                f.write(memoryview(flat.numpy()))  # releases the GIL for the copy into the kernel
+
+    return {
+        "nothing": None,
+        "torch.save to disk": lambda: torch.save(state, path),
+        "torch.save to BytesIO": lambda: torch.save(state, io.BytesIO()),
+        "plain file write": raw_write,
+    }
+
+
+def loop(seconds: float, device: torch.device) -> tuple[float, float, float]:
+    """Rate of small ops (per s), time in stalls > 4 ms (s per s) and the longest stall (s)."""
+    x = torch.zeros(16, device=device)
+    n, stalled, longest = 0, 0.0, 0.0
+    start = last = time.perf_counter()
+    while last - start < seconds:
+        x.add_(1.0)
+        now = time.perf_counter()
+        gap = now - last
+        if gap > 0.004:
+            stalled += gap
+        longest = max(longest, gap)
+        n, last = n + 1, now
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = last - start
+    return n / elapsed, stalled / elapsed, longest
+
+
+def measure(job: Callable[[], None] | None, seconds: float, device: torch.device) -> dict[str, float]:
+    stop, durations = threading.Event(), []
+
+    def background() -> None:
+        assert job is not None
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            job()
+            durations.append(time.perf_counter() - t0)
+
+    thread = threading.Thread(target=background, daemon=True) if job else None
+    if thread:
+        thread.start()
+        time.sleep(0.05)  # the first write under way
+    rate, stalled, longest = loop(seconds, device)
+    stop.set()
+    if thread:
+        thread.join()
+    return {"rate": rate, "stalled": stalled, "longest": longest,
+            "write_s": statistics.median(durations) if durations else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=45.0, help="MB per section (resnet18: ~45 MB of weights)")
+    ap.add_argument("--tensors", type=int, default=62, help="views per section")
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed loop per way of writing")
+    ap.add_argument("--dir", type=Path, default=None, help="where the file is written (default: a temp dir)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state, flats = flat_state(args.mb, args.tensors)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        ways = writers(state, flats, Path(tmp) / "state.pt")
+        print(f"torch {torch.__version__}, loop on {device}, state 2 x {args.mb:g} MB, {args.seconds:g} s per way")
+        base = None
+        for name, job in ways.items():
+            r = measure(job, args.seconds, device)
+            base = base or r["rate"]
+            print(f"  {name:22s} loop {r['rate'] / base:5.2f}x alone ({r['rate']:,.0f}/s)  stalls >4 ms "
+                  f"{1000 * r['stalled']:6.1f} ms/s  longest {1000 * r['longest']:6.1f} ms  one write "
+                  f"{1000 * r['write_s']:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
