@@ -361,6 +361,15 @@ def test_real_training_queues_each_checkpoint_before_its_metrics_and_commit(
     # renders are thinned out, mltrack.figures)
     assert {"confusion_matrix_val_0000.png", "confusion_matrix_val_0002.png"} <= epochs
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # The same renders reach TensorBoard as images, one per rendered epoch (what the removed child-process
+    # test checked for that mode; inline is now the only one)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(result.run_dir / "tensorboard"), size_guidance={"images": 0})
+    tb.Reload()
+    tb_steps = [e.step for e in tb.Images("confusion_matrix/val")]
+    assert {0, 2} <= set(tb_steps) and tb_steps == sorted(set(tb_steps))
+    assert {f"confusion_matrix_val_{step:04d}.png" for step in tb_steps} == epochs
 
 
 # ---------------------------------------------------------------- epochs shorter than a checkpoint write
