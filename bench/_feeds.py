@@ -305,6 +305,14 @@ def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[
         if any("process_cpu_s" in block for block in arm["blocks"]):  # CPU seconds per timed second, median
             row["process_cpus"] = round(statistics.median(
                 block["process_cpu_s"] / max(sum(block["epoch_s"]), 1e-9) for block in arm["blocks"]), 2)
+        if any("threads_cpu_s" in block for block in arm["blocks"]):  # background threads' CPU per epoch, median
+            row["threads_cpu_ms_per_epoch"] = round(1e3 * statistics.median(
+                block["threads_cpu_s"] / max(len(block["epoch_s"]), 1) for block in arm["blocks"]), 2)
+            names = {n for block in arm["blocks"] for n in block.get("threads_cpu_by_name", {})}
+            epochs = sum(len(block["epoch_s"]) for block in arm["blocks"])
+            row["threads_cpu_ms_per_epoch_by_name"] = {n: round(1e3 * sum(
+                block.get("threads_cpu_by_name", {}).get(n, 0.0) for block in arm["blocks"]) / max(epochs, 1), 2)
+                for n in sorted(names)}
         for key in ("checkpoints_queued", "figures"):  # running counts: the last block's is the total
             if any(key in block for block in arm["blocks"]):
                 row[key] = arm["blocks"][-1].get(key)

@@ -5,6 +5,7 @@ tracking variants, and the tutorial-style loop the hymenoptera comparison runs a
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -65,6 +66,24 @@ def train_epochs(ctx: Any, images_per_epoch: int) -> Callable[[], int]:
     return run
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each live Python thread other than the caller's (the training thread), by
+    name, from the thread's own CPU clock. The background threads' CPU per epoch bounds the GIL time they can
+    take from the training thread (less: sqlite, hashing and file writes release it), which the epoch-time
+    ratios of a noisy machine cannot resolve to 1 %."""
+    out: dict[str, float] = {}
+    me = threading.get_ident()
+    for thread in threading.enumerate():
+        if thread.ident is None or thread.ident == me:
+            continue
+        try:
+            seconds = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, AttributeError):  # it ended meanwhile, or no per-thread clocks on this platform
+            continue
+        out[thread.name] = out.get(thread.name, 0.0) + seconds
+    return out
+
+
 def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any], tracking: Any = None) -> Callable[[], int]:
     """One call = ``loop.run_epoch`` (train + validation) and the hooks' ``on_epoch_end``, as ``loop.fit``.
     ``tracking`` (a :class:`Tracking`) gets the seconds the hooks took on the training thread, per epoch (the
@@ -74,6 +93,7 @@ def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any], tracking: Any
     def run() -> int:
         if tracking is not None and tracking.cpu_mark is None:
             tracking.cpu_mark = time.process_time()
+            tracking.threads_mark = thread_cpu_s()
         ctx.last = run_epoch(ctx)
         start = time.perf_counter()
         for hook in hooks:
@@ -99,6 +119,7 @@ class Tracking:
         # TensorBoard scalars (+ the figure's image sink): the default config has them with the figures
         self.tensorboard = figures is not None if tensorboard is None else tensorboard
         self.cpu_mark: float | None = None  # process CPU seconds (all threads) when this block's first epoch began
+        self.threads_mark: dict[str, float] = {}  # thread_cpu_s() then
         self.hook_s: list[float] = []  # filled by full_epochs(..., tracking=self); reported by drain()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tracker = None
@@ -155,6 +176,7 @@ class Tracking:
         t0 = time.perf_counter()
         self.io.drain()
         out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
+        out.update(self._threads_cpu())
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"
@@ -167,6 +189,19 @@ class Tracking:
             self.tracker.flush()
             out["queue_drain_s"] = round(time.perf_counter() - t0, 3)
         return out
+
+    def _threads_cpu(self) -> dict[str, Any]:
+        """The background threads' CPU seconds since the block began, the drained work included (all of it is
+        the block's epochs' doing): the total and, by thread, those over 1 ms."""
+        if not self.threads_mark:
+            return {}
+        if self.tracker is not None:
+            self.tracker.flush()  # the upload queue's work for these epochs belongs to them too
+        now = thread_cpu_s()
+        by_thread = {name: now[name] - self.threads_mark.get(name, 0.0) for name in now}
+        self.threads_mark = {}
+        return {"threads_cpu_s": round(sum(by_thread.values()), 4),
+                "threads_cpu_by_name": {k: round(v, 4) for k, v in sorted(by_thread.items()) if v > 1e-3}}
 
     def finish(self) -> dict[str, float]:
         """``drain``, then stop the epoch worker and close the MLflow run."""

@@ -124,6 +124,11 @@ def _tracking(R: Any) -> None:
             drains += f"; figures {row['figures']}"
         if "process_cpus" in row:
             drains += f"; process CPU {row['process_cpus']} cores"
+        if "threads_cpu_ms_per_epoch" in row:
+            names = ", ".join(f"{n} {ms}" for n, ms in row.get("threads_cpu_ms_per_epoch_by_name", {}).items())
+            share = row["threads_cpu_ms_per_epoch"] / (10 * row["median_epoch_s"])  # % of the epoch
+            drains += (f"; background threads' CPU {row['threads_cpu_ms_per_epoch']} ms per epoch, {share:.1f} % of it "
+                       f"({names})")
         if "renderer_cpu_s" in row:  # saved results of the child-process renderer (removed since) carry it
             drains += f"; renderer CPU {row['renderer_cpu_s']} s"
         if "hooks_ms_median" in row:

@@ -63,6 +63,11 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
         assert row["interleaved"]["drop_first_epoch_of_block"] is False and len(row["round_ratios"]) == 1
     assert rows[("tracking", "untracked")]["median_round_ratio"] == 1.0
     assert report["extra"]["tracking_protocol"]["orders"] == [variants]
+    for name in variants[1:]:  # the epoch-IO worker's CPU (checkpoint writes at least), from its own clock
+        by_name = rows[("tracking", name)]["threads_cpu_ms_per_epoch_by_name"]
+        assert by_name.get("mltrack-epoch-io_0", 0) > 0 and rows[("tracking", name)]["threads_cpu_ms_per_epoch"] > 0
+    assert "mltrack-tracking" in rows[("tracking", "tracked")]["threads_cpu_ms_per_epoch_by_name"]
+    assert "threads_cpu_ms_per_epoch" not in rows[("tracking", "untracked")]
     for name in variants[4:]:  # the default config's figure, with and without the duty rule
         assert rows[("tracking", name)]["figures"] == "1 of 1"
     assert not [r for r in report["results"] if "error" in r], [r["error"] for r in report["results"] if "error" in r]
