@@ -2,7 +2,7 @@
 with a reason, the table and targets print, and bench.json holds what was printed. Also: the interleaved
 timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
 hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size; and
-bench/probe_save_gil.py in its quick mode."""
+bench/probe_save_gil.py and bench/probe_epoch_end.py in their quick modes."""
 from __future__ import annotations
 
 import json
@@ -96,6 +96,20 @@ def test_save_gil_probe_runs_and_prints_every_way(tmp_path: Path) -> None:
     assert "1.00x alone" in lines[0]
     assert all("one write" in line and "ms" in line for line in lines)
     assert list(tmp_path.iterdir()) == []  # the temp dir and its file are gone
+
+
+@pytest.mark.timeout(120)
+def test_epoch_end_probe_times_every_piece_and_the_next_epochs_start() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_epoch_end.py"), "--calls", "6"],
+                          env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    pieces = [line.split("  ")[1].strip() for line in proc.stdout.splitlines() if "ms median" in line
+              and "next epoch" not in line]
+    assert pieces[0] == "model.state_dict()" and pieces[-1] == "the hook's work: state + start_snapshot", pieces
+    assert "torch.cuda.mem_get_info()" not in pieces  # CPU: that piece is left out
+    starts = [line for line in proc.stdout.splitlines() if "next epoch's first 5 steps" in line]
+    assert len(starts) == 2 and starts[0].endswith("nothing written") and starts[1].endswith("writing it"), starts
+    assert "cProfile of the hook's work" in proc.stdout
 
 
 def test_markdown_reads_result_files_from_before_the_interleaved_measurement() -> None:
