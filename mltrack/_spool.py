@@ -39,11 +39,17 @@ _KEY_RE = re.compile(r"^[/\w.\- :]+$")  # MLflow's rule for metric/param/tag nam
 
 def group(ops: Sequence[Op], max_metrics: int = 1000) -> list[list[Op]]:
     """Split ``ops`` into send batches: runs of consecutive metric ops (at most ``max_metrics`` values
-    per batch) are coalesced; every other op is a batch of its own, so order is kept exactly."""
+    per batch) are coalesced, and a tags op right after such a run closes it (one ``log_batch``, one
+    transaction: an epoch's metrics and its commit tag land together or not at all, and the sqlite store
+    commits once instead of twice per epoch); every other op is a batch of its own, so order is kept exactly."""
     batches: list[list[Op]] = []
     current: list[Op] = []
     count = 0
     for op in ops:
+        if op["op"] == "tags" and current and count + len(op["tags"]) <= max_metrics:
+            batches.append(current + [op])  # MLflow's limit on a batch counts metrics and tags together
+            current, count = [], 0
+            continue
         if op["op"] == "metrics":
             n = len(op["metrics"])
             if current and count + n <= max_metrics:

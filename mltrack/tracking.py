@@ -515,11 +515,14 @@ class _Sender:
             raise ValueError(f"unknown tracking operation {kind!r}")
 
     def _metrics(self, batch: list[Op], replay: bool) -> None:
-        metrics = [Metric(k, float(v), op["ts"], op["step"]) for op in batch for k, v in op["metrics"].items()]
+        """A run of metric ops, maybe closed by one tags op (``group``): one ``log_batch`` for both."""
+        metrics = [Metric(k, float(v), op["ts"], op["step"]) for op in batch if op["op"] == "metrics"
+                   for k, v in op["metrics"].items()]
+        tags = [RunTag(k, v) for op in batch if op["op"] == "tags" for k, v in op["tags"].items()]
         if replay:  # the head of a spool may have reached the server before the connection broke
             metrics = [m for m in metrics if m.step not in self._steps_on_server(m.key)]
-        if metrics:
-            self._client.log_batch(self._run_id, metrics=metrics, synchronous=True)
+        if metrics or tags:
+            self._client.log_batch(self._run_id, metrics=metrics, tags=tags, synchronous=True)
         for m in metrics:
             if m.key in self._server_steps:
                 self._server_steps[m.key].add(m.step)

@@ -48,12 +48,12 @@ def _record(tracker: Tracker, calls: list[tuple[str, Any]], gate: threading.Even
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
+            tracker.send_calls = getattr(tracker, "send_calls", 0) + 1  # type: ignore[attr-defined]
             if gate is not None and first[0]:
                 first[0] = False
                 assert gate.wait(10)
-            if name == "log_batch":
-                kinds = [k for k in ("metrics", "params", "tags") if kwargs.get(k)]
-                calls.append((kinds[0], kwargs[kinds[0]]))
+            if name == "log_batch":  # one entry per kind; a batch of metrics and tags is one transaction
+                calls.extend((k, kwargs[k]) for k in ("metrics", "params", "tags") if kwargs.get(k))
             else:
                 calls.append((name, args))
             return fn(*args, **kwargs)
@@ -194,6 +194,7 @@ def test_order_artifact_then_metrics_then_commit_tag(store: MlflowClient, tmp_pa
     assert t.flush(10)
     kinds = [kind for kind, _ in calls][1:]
     assert kinds == ["upload", "metrics", "tags"] * 3
+    assert t.send_calls == 1 + 3 * 2  # type: ignore[attr-defined]  # each epoch's metrics and tag: one log_batch
     committed = [batch[0].value for kind, batch in calls[1:] if kind == "tags"]
     assert committed == ["0", "1", "2"]
     local = download_artifact(f"runs:/{t.run_id}/weights/last.pt", tmp_path / "dl")
@@ -343,12 +344,16 @@ def test_replay_spool_sends_pending_once(store: MlflowClient, tmp_path: Path) ->
     t.finish()
 
 
-def test_group_coalesces_only_consecutive_metrics() -> None:
+def test_group_coalesces_only_consecutive_metrics_and_the_tags_that_close_them() -> None:
     m = lambda n, s: {"op": "metrics", "step": s, "ts": 0, "metrics": {f"k{i}": 0.0 for i in range(n)}}  # noqa: E731
     tag = {"op": "tags", "tags": {"a": "b"}}
-    batches = group([m(2, 0), m(3, 1), tag, m(600, 2), m(600, 3), m(1, 4)], max_metrics=1000)
-    assert [[op["op"] for op in b] for b in batches] == [["metrics"] * 2, ["tags"], ["metrics"], ["metrics"] * 2]
-    assert [sum(len(op.get("metrics", {})) for op in b) for b in batches] == [5, 0, 600, 601]
+    art = {"op": "artifact", "path": "x", "artifact_path": None}
+    batches = group([m(2, 0), m(3, 1), tag, tag, m(600, 2), m(600, 3), m(1, 4), art, tag], max_metrics=1000)
+    assert [[op["op"] for op in b] for b in batches] == [
+        ["metrics", "metrics", "tags"], ["tags"], ["metrics"], ["metrics"] * 2, ["artifact"], ["tags"]]
+    assert [sum(len(op.get("metrics", {})) for op in b) for b in batches] == [5, 0, 600, 601, 0, 0]
+    many = {"op": "tags", "tags": {f"t{i}": "v" for i in range(100)}}  # over MLflow's 1000 entities with 999 metrics
+    assert [[op["op"] for op in b] for b in group([m(999, 0), many], max_metrics=1000)] == [["metrics"], ["tags"]]
 
 
 def test_delivery_spools_while_destination_fails_and_replays_in_order(
