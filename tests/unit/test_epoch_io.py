@@ -301,6 +301,85 @@ def test_written_checkpoint_holds_the_state_at_epoch_end_not_later_training(io: 
     assert all(e[2].startswith(IO_THREAD) for e in tracker.events)
 
 
+def _early_hook(tmp_path: Path, io: EpochIO) -> CheckpointHook:
+    hook = CheckpointHook(tmp_path / "weights", None, {"mlflow_run_id": "r0"}, io)
+    hook.EARLY_SNAPSHOT = True
+    return hook
+
+
+def test_early_copy_holds_the_train_end_tensors_and_the_epoch_end_rest(io: EpochIO, tmp_path: Path) -> None:
+    """EARLY_SNAPSHOT: the tensors are copied at the train end; the epoch end adds what validation and the
+    schedule changed (progress, the learning rate); training after it reaches neither."""
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    hook = _early_hook(tmp_path, io)
+    ctx.state.epoch, ctx.state.global_step = 0, 7  # inside run_epoch: the epoch not yet counted
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    hook.on_train_end(ctx)
+    ctx.state.epoch = 1  # run_epoch's bookkeeping after validation
+    ctx.state.history.append({"epoch": 0.0, "val/acc": 0.5})
+    optimizer.param_groups[0]["lr"] = 0.05  # a per-epoch schedule step after validation
+    gate = threading.Event()
+    io.submit(gate.wait, 10)  # the write waits while the next epoch trains in place
+    hook.on_epoch_end(ctx)
+    _step(model, optimizer)
+    optimizer.param_groups[0]["lr"] = 0.01
+    gate.set()
+    io.drain()
+    saved = checkpoint.load(tmp_path / "weights" / "last.pt")
+    assert hook.early_used == 1 and hook.queued == 1
+    assert list(saved["model"]) == list(weights) and all(torch.equal(saved["model"][k], v) for k, v in weights.items())
+    assert all(torch.equal(saved["optimizer"]["state"][0][k], v) for k, v in moments.items())
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.05 and saved["optimizer"]["param_groups"][0]["params"]
+    assert saved["progress"]["epoch"] == 1 and saved["progress"]["history"] == [{"epoch": 0.0, "val/acc": 0.5}]
+    # the same checkpoint as the epoch-end copy makes of the same state
+    late = CheckpointHook(tmp_path / "late", None, {"mlflow_run_id": "r0"}, io)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    late.on_epoch_end(ctx)
+    io.drain()
+    again = checkpoint.load(tmp_path / "late" / "last.pt")
+    assert again.keys() == saved.keys() and again["optimizer"].keys() == saved["optimizer"].keys()
+    assert again["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
+    assert {k: v for k, v in again.items() if k not in ("model", "optimizer", "rng")} == {
+        k: v for k, v in saved.items() if k not in ("model", "optimizer", "rng")}
+
+
+def test_early_copy_of_another_step_is_never_written(io: EpochIO, tmp_path: Path) -> None:
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    hook = _early_hook(tmp_path, io)
+    ctx.state.epoch, ctx.state.global_step = 0, 7
+    hook.on_train_end(ctx)
+    _step(model, optimizer)  # e.g. a stop and a resume in between: the copy is not this epoch end's state
+    ctx.state.epoch, ctx.state.global_step = 1, 8
+    now = {k: v.clone() for k, v in model.state_dict().items()}
+    hook.on_epoch_end(ctx)
+    io.drain()
+    saved = checkpoint.load(tmp_path / "weights" / "last.pt")
+    assert hook.early_used == 0 and all(torch.equal(saved["model"][k], v) for k, v in now.items())
+
+
+def test_no_early_copy_when_only_an_improvement_would_write_and_no_gpu_hides_it(io: EpochIO, tmp_path: Path) -> None:
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    hook = _early_hook(tmp_path, io)
+    hook.write_s, hook.queued_at = 1.0, time.monotonic()  # a write just queued: the duty rule defers
+    ctx.state.epoch = 0
+    hook.on_train_end(ctx)
+    assert hook._early is None  # a CPU run: nothing could hide a speculative copy
+    ctx.state.epoch = 1
+    ctx.last = EpochOutput({}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
+    hook.on_epoch_end(ctx)
+    assert hook.deferred and hook.queued == 0
+    hook.on_train_end(ctx)
+    ctx.last = EpochOutput({}, torch.zeros(2, 2), torch.zeros(2, 2), improved=True)
+    hook.on_epoch_end(ctx)  # an improvement is written all the same, copied at the epoch end
+    io.drain()
+    assert hook.queued == 1 and hook.early_used == 0 and (tmp_path / "weights" / "best.pt").is_file()
+
+
 def test_write_error_in_the_worker_is_one_checkpoint_error(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the weights folder's parent should be")
