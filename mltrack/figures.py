@@ -11,7 +11,9 @@ render per epoch, TensorBoard on): +17 % and +24 % epoch time on the epoch-IO th
 8 classes), and the duty rule of :class:`EpochFigures` bounds what is left. On the H100
 (bench/results_pipeline_tracking_pil_h100.md, a noisy call): +4.3 % with MLflow and figures vs +3.9 % without
 figures and +7.8 % for checkpoints alone; a child-process renderer measured in the same call was not faster
-(+5.4 %), so it was removed. The final val/test figures of ``report.finalize`` stay matplotlib's.
+(+5.4 %), so it was removed. A quiet H200 call (bench/results_pipeline_tracking_quiet_h200.md, 0.49 s epochs,
+every epoch's figure rendered) put the figure and TensorBoard at +0.4 % over MLflow and checkpoints (+1.7 %
+against +1.3 %). The final val/test figures of ``report.finalize`` stay matplotlib's.
 
 Each figure is rendered on the epoch-IO worker, in epoch order. The duty rule skips figures of epochs much
 shorter than a render (counted, and said once at the end); the last epoch's figure and the final val and
