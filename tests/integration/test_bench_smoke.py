@@ -70,9 +70,9 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert "threads_cpu_ms_per_epoch" not in rows[("tracking", "untracked")]
     for name in [v for v in variants if v.startswith("tracked_default")]:  # the figure, with and without duty rule
         assert rows[("tracking", name)]["figures"] == "1 of 1"
-    for name in variants[6:]:  # on a CPU the train-end copy is taken when the write is certain: every one here
-        row = rows[("tracking", name)]
-        assert row["checkpoints_from_early_copy"] == row["checkpoints_queued"] >= 1, row
+    for name in variants[6:]:  # on a CPU the train-end copy is taken when the write is certain: the first one
+        row = rows[("tracking", name)]  # at least (later ones too unless a slow disk's write makes the duty rule wait)
+        assert 1 <= row["checkpoints_from_early_copy"] <= row["checkpoints_queued"], row
     assert "checkpoints_from_early_copy" not in rows[("tracking", "checkpoint_only")]
     assert not [r for r in report["results"] if "error" in r], [r["error"] for r in report["results"] if "error" in r]
     out = proc.stdout

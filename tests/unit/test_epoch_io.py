@@ -16,7 +16,7 @@ import torch
 from mltrack import checkpoint
 from mltrack.config import load_config
 from mltrack.errors import CheckpointError
-from mltrack.hooks import CheckpointHook, EpochIO, TrackingHook
+from mltrack.hooks import CheckpointHook, EpochIO, Hook, TrackingHook
 from mltrack.snapshot import snapshot
 from mltrack.trainers.loop import EpochOutput, FitContext
 
@@ -378,6 +378,60 @@ def test_no_early_copy_when_only_an_improvement_would_write_and_no_gpu_hides_it(
     hook.on_epoch_end(ctx)  # an improvement is written all the same, copied at the epoch end
     io.drain()
     assert hook.queued == 1 and hook.early_used == 0 and (tmp_path / "weights" / "best.pt").is_file()
+
+
+def _fit_with_checkpoints(weights: Path, early: bool) -> tuple[CheckpointHook, dict[str, Any]]:
+    """Three real epochs (``loop.fit``: train, validation, hooks) of a small model on tensors, every epoch's
+    checkpoint written on a background worker; returns the hook and the last checkpoint."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mltrack.optim import build_scheduler
+    from mltrack.trainers import build_trainer
+    from mltrack.trainers.loop import fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 4), torch.arange(48) % 2
+    loaders = {"train": DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8, shuffle=True,
+                                   generator=torch.Generator().manual_seed(1)),
+               "val": DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8), "test": None}
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cfg = load_config(None, ["training.device=cpu", "tracking.progress='off'", "training.num_epochs=3",
+                             "scheduler.name=step"])
+    schedule = build_scheduler(cfg.scheduler, optimizer, 3, len(loaders["train"]), 0.1, mode=cfg.training.monitor_mode)
+    ctx = FitContext(cfg, model, optimizer, schedule, build_trainer(cfg.training, torch.device("cpu")), loaders,
+                     torch.nn.CrossEntropyLoss(), ["a", "b"])
+    io = EpochIO(inline=False)
+    hook = CheckpointHook(weights, None, {"mlflow_run_id": "r0"}, io)
+    hook.EARLY_SNAPSHOT = early
+    hook.DUTY_MIN_WRITE_S = float("inf")  # every epoch written, whatever the disk's speed: counts are exact
+
+    class Drain(Hook):  # each write done before the next epoch: a free slot at every train end (else: a late copy)
+        def on_epoch_end(self, ctx: FitContext) -> None:
+            io.drain()
+
+    try:
+        fit(ctx, [hook, Drain()])
+        io.drain()
+    finally:
+        io.close(quiet=True)
+    return hook, checkpoint.load(weights / "last.pt")
+
+
+def test_a_real_fit_writes_the_same_checkpoints_with_the_early_copy(tmp_path: Path) -> None:
+    late_hook, late = _fit_with_checkpoints(tmp_path / "late", early=False)
+    early_hook, early = _fit_with_checkpoints(tmp_path / "early", early=True)
+    assert late_hook.early_used == 0 and early_hook.early_used == early_hook.queued == late_hook.queued == 3
+    timeless = lambda c: {**c["progress"], "history": [  # noqa: E731  (wall-clock metrics differ, of course)
+        {k: v for k, v in h.items() if k not in ("train/img_per_s", "epoch_time_s")} for h in c["progress"]["history"]]}
+    assert early.keys() == late.keys() and timeless(early) == timeless(late)
+    assert len(early["progress"]["history"]) == 3
+    assert all(torch.equal(early["model"][k], v) for k, v in late["model"].items())
+    moments = [(s["momentum_buffer"], early["optimizer"]["state"][i]["momentum_buffer"])
+               for i, s in late["optimizer"]["state"].items()]
+    assert len(moments) == 4 and all(torch.equal(a, b) for a, b in moments)
+    assert early["optimizer"]["param_groups"] == late["optimizer"]["param_groups"]
+    assert early["scheduler"] == late["scheduler"] and early["progress"]["epoch"] == 3
 
 
 def test_write_error_in_the_worker_is_one_checkpoint_error(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
