@@ -49,13 +49,10 @@ class Hook:
         return None
 
 
-def tensor_sections(ctx: FitContext) -> dict[str, Any] | None:
+def tensor_sections(ctx: FitContext) -> dict[str, Any]:
     """The large tensors of the state: the model's state dict and the optimizer's per-parameter state
-    (``optimizer.state_dict()["state"]``); None for an optimizer whose state dict has no such part."""
-    optimizer = ctx.optimizer.state_dict()
-    if not isinstance(optimizer, dict) or "state" not in optimizer:
-        return None
-    return {"model": ctx.trainer.unwrap(ctx.model).state_dict(), "optimizer": optimizer["state"]}
+    (``optimizer.state_dict()["state"]``, which every torch optimizer and its wrappers have)."""
+    return {"model": ctx.trainer.unwrap(ctx.model).state_dict(), "optimizer": ctx.optimizer.state_dict()["state"]}
 
 
 def checkpoint_state(ctx: FitContext, meta: dict[str, Any], sections: dict[str, Any] | None = None
@@ -172,10 +169,7 @@ class CheckpointHook(Hook):
         busy = _gpu_busy(ctx.trainer.device)
         if not certain and (busy is None or busy.query() or not self._speculate):
             return  # would be written only on an improvement, and no queued GPU work would hide the copy
-        sections = tensor_sections(ctx)
-        if sections is None:
-            return
-        snap = start_snapshot(sections)
+        snap = start_snapshot(tensor_sections(ctx))
         if busy is not None:  # speculate again only while the copy's host work hides behind the GPU's queue
             self._speculate = not busy.query()
         self._early = _EarlyCopy(ctx.state.epoch, ctx.state.global_step, certain, snap)
