@@ -181,7 +181,6 @@ class Tracking:
         out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
         if self.early_snapshot:
             out["checkpoints_from_early_copy"] = self.checkpoints.early_used
-        out.update(self._threads_cpu())
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"
@@ -193,6 +192,7 @@ class Tracking:
             t0 = time.perf_counter()
             self.tracker.flush()
             out["queue_drain_s"] = round(time.perf_counter() - t0, 3)
+        out.update(self._threads_cpu())  # after both drains: the uploads' work belongs to the block's epochs too
         return out
 
     def _threads_cpu(self) -> dict[str, Any]:
@@ -200,8 +200,6 @@ class Tracking:
         the block's epochs' doing): the total and, by thread, those over 1 ms."""
         if not self.threads_mark:
             return {}
-        if self.tracker is not None:
-            self.tracker.flush()  # the upload queue's work for these epochs belongs to them too
         now = thread_cpu_s()
         by_thread = {name: now[name] - self.threads_mark.get(name, 0.0) for name in now}
         self.threads_mark = {}
