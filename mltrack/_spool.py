@@ -37,33 +37,32 @@ PROBE_MAX_S = 5.0
 _KEY_RE = re.compile(r"^[/\w.\- :]+$")  # MLflow's rule for metric/param/tag names (POSIX)
 
 
-def group(ops: Sequence[Op], max_metrics: int = 1000) -> list[list[Op]]:
-    """Split ``ops`` into send batches: runs of consecutive metric ops (at most ``max_metrics`` values
-    per batch) are coalesced, and a tags op right after such a run closes it (one ``log_batch``, one
-    transaction: an epoch's metrics and its commit tag land together or not at all, and the sqlite store
-    commits once instead of twice per epoch); every other op is a batch of its own, so order is kept exactly."""
+def group(ops: Sequence[Op], max_metrics: int = 1000, max_tags: int = 100) -> list[list[Op]]:
+    """Split ``ops`` into send batches. A batch that starts with a metrics op takes the metrics and tags ops
+    that follow it, as long as they fit one ``log_batch`` (MLflow's limits: ``max_metrics`` entities, metrics
+    and tags together, of which at most ``max_tags`` tags; a tag key set twice counts once, as the sender keeps
+    the last value). So an epoch's metrics and its commit tag land together or not at all, and epochs queued
+    together (held back behind a deferred checkpoint, or replayed from a spool) are one transaction, not two
+    per epoch: the sqlite store's commit is most of a ``log_batch``'s cost. Every other op is a batch of its
+    own, so order is kept exactly: nothing moves past an artifact, params or terminate op."""
     batches: list[list[Op]] = []
     current: list[Op] = []
-    count = 0
+    count, tag_keys = 0, set()  # metric values and distinct tag keys in ``current``
     for op in ops:
-        if op["op"] == "tags" and current and count + len(op["tags"]) <= max_metrics:
-            batches.append(current + [op])  # MLflow's limit on a batch counts metrics and tags together
-            current, count = [], 0
-            continue
-        if op["op"] == "metrics":
-            n = len(op["metrics"])
-            if current and count + n <= max_metrics:
+        if current and op["op"] in ("metrics", "tags"):
+            new_keys = tag_keys | set(op["tags"]) if op["op"] == "tags" else tag_keys
+            n = len(op["metrics"]) if op["op"] == "metrics" else 0
+            if count + n + len(new_keys) <= max_metrics and len(new_keys) <= max_tags:
                 current.append(op)
-                count += n
+                count, tag_keys = count + n, new_keys
                 continue
-            if current:
-                batches.append(current)
-            current, count = [op], n
-            continue
         if current:
             batches.append(current)
-            current, count = [], 0
-        batches.append([op])
+            current, count, tag_keys = [], 0, set()
+        if op["op"] == "metrics":
+            current, count = [op], len(op["metrics"])
+        else:
+            batches.append([op])
     if current:
         batches.append(current)
     return batches
@@ -304,8 +303,9 @@ class Delivery:
 def _describe(batch: list[Op]) -> str:
     kind = batch[0]["op"]
     if kind == "metrics":
-        steps = sorted({op["step"] for op in batch})
-        return f"{sum(len(op['metrics']) for op in batch)} metric values (steps {steps})"
+        metrics = [op for op in batch if op["op"] == "metrics"]  # and maybe tags ops (``group``)
+        steps = sorted({op["step"] for op in metrics})
+        return f"{sum(len(op['metrics']) for op in metrics)} metric values (steps {steps})"
     if kind in ("artifact", "artifacts"):
         return f"{kind} upload of {batch[0]['path']}"
     return f"{kind} operation"

@@ -515,10 +515,12 @@ class _Sender:
             raise ValueError(f"unknown tracking operation {kind!r}")
 
     def _metrics(self, batch: list[Op], replay: bool) -> None:
-        """A run of metric ops, maybe closed by one tags op (``group``): one ``log_batch`` for both."""
+        """Metric ops and the tags ops among them (``group``): one ``log_batch`` for all."""
         metrics = [Metric(k, float(v), op["ts"], op["step"]) for op in batch if op["op"] == "metrics"
                    for k, v in op["metrics"].items()]
-        tags = [RunTag(k, v) for op in batch if op["op"] == "tags" for k, v in op["tags"].items()]
+        # One value per key: several epochs' commit tags in one batch leave the last, as separate calls would.
+        latest = {k: v for op in batch if op["op"] == "tags" for k, v in op["tags"].items()}
+        tags = [RunTag(k, v) for k, v in latest.items()]
         if replay:  # the head of a spool may have reached the server before the connection broke
             metrics = [m for m in metrics if m.step not in self._steps_on_server(m.key)]
         if metrics or tags:

@@ -171,6 +171,28 @@ def test_metrics_are_queued_coalesced_and_land_with_steps(store: MlflowClient) -
     t.finish()
 
 
+def test_epochs_queued_together_land_in_one_transaction_with_the_last_commit_tag(store: MlflowClient) -> None:
+    """Epochs held back behind a deferred checkpoint are released together: their metrics and commit tags go
+    in one log_batch (one sqlite transaction), the tag ending at the last epoch, as separate calls would."""
+    t = Tracker.start("exp", "released", {})
+    calls: list[tuple[str, Any]] = []
+    gate = threading.Event()
+    _record(t, calls, gate)
+    t.set_tags({"mltrack.role": "train"})
+    for epoch in range(4):
+        t.log_metrics({"train/loss": 1.0 / (epoch + 1), "val/acc": epoch / 4}, step=epoch)
+        t.set_tags({"mltrack.committed_step": str(epoch)})
+    gate.set()
+    assert t.flush(10)
+    assert t.send_calls == 2  # type: ignore[attr-defined]  # the first tag, then one log_batch for 4 epochs
+    assert [len(batch) for kind, batch in calls if kind == "metrics"] == [8]
+    assert [[(tag.key, tag.value) for tag in batch] for kind, batch in calls[1:] if kind == "tags"] == [
+        [("mltrack.committed_step", "3")]]
+    assert _steps(store, t.run_id, "val/acc") == [0, 1, 2, 3]
+    assert store.get_run(t.run_id).data.tags["mltrack.committed_step"] == "3"
+    t.finish()
+
+
 def test_order_artifact_then_metrics_then_commit_tag(store: MlflowClient, tmp_path: Path) -> None:
     t = Tracker.start("exp", "order", {})
     calls: list[tuple[str, Any]] = []
@@ -344,16 +366,25 @@ def test_replay_spool_sends_pending_once(store: MlflowClient, tmp_path: Path) ->
     t.finish()
 
 
-def test_group_coalesces_only_consecutive_metrics_and_the_tags_that_close_them() -> None:
+def test_group_coalesces_metrics_with_their_tags_within_mlflow_limits_and_never_past_other_ops() -> None:
     m = lambda n, s: {"op": "metrics", "step": s, "ts": 0, "metrics": {f"k{i}": 0.0 for i in range(n)}}  # noqa: E731
     tag = {"op": "tags", "tags": {"a": "b"}}
     art = {"op": "artifact", "path": "x", "artifact_path": None}
-    batches = group([m(2, 0), m(3, 1), tag, tag, m(600, 2), m(600, 3), m(1, 4), art, tag], max_metrics=1000)
+    batches = group([tag, m(2, 0), m(3, 1), tag, tag, m(600, 2), m(600, 3), m(1, 4), art, tag, m(1, 5)],
+                    max_metrics=1000)
     assert [[op["op"] for op in b] for b in batches] == [
-        ["metrics", "metrics", "tags"], ["tags"], ["metrics"], ["metrics"] * 2, ["artifact"], ["tags"]]
-    assert [sum(len(op.get("metrics", {})) for op in b) for b in batches] == [5, 0, 600, 601, 0, 0]
+        ["tags"], ["metrics", "metrics", "tags", "tags", "metrics"], ["metrics"] * 2, ["artifact"], ["tags"],
+        ["metrics"]]
+    # a tag key set twice counts once: 2 + 3 + 1 + 600 entities in the second batch
+    assert [sum(len(op.get("metrics", {})) for op in b) for b in batches] == [0, 605, 601, 0, 0, 1]
     many = {"op": "tags", "tags": {f"t{i}": "v" for i in range(100)}}  # over MLflow's 1000 entities with 999 metrics
     assert [[op["op"] for op in b] for b in group([m(999, 0), many], max_metrics=1000)] == [["metrics"], ["tags"]]
+    over = {"op": "tags", "tags": {f"u{i}": "v" for i in range(60)}}  # 100 tags fit a batch, 160 do not
+    assert [[op["op"] for op in b] for b in group([m(1, 0), many, over, m(1, 1)])] == [
+        ["metrics", "tags"], ["tags"], ["metrics"]]
+    # epochs released together (behind a deferred checkpoint): one batch, one transaction
+    epochs = [op for s in range(5) for op in (m(4, s), {"op": "tags", "tags": {"mltrack.committed_step": str(s)}})]
+    assert len(group(epochs)) == 1
 
 
 def test_delivery_spools_while_destination_fails_and_replays_in_order(
