@@ -2,7 +2,7 @@
 with a reason, the table and targets print, and bench.json holds what was printed. Also: the interleaved
 timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
 hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size; and
-bench/probe_save_gil.py and bench/probe_epoch_end.py in their quick modes."""
+bench/probe_save_gil.py, bench/probe_epoch_end.py and bench/probe_log_batch.py in their quick modes."""
 from __future__ import annotations
 
 import json
@@ -213,3 +213,13 @@ def test_hymenoptera_cuda_graphs_and_interleaved_tracking_on_gpu(tmp_path: Path)
         assert [b["round"] for b in row["blocks"]] == [0, 1] and row["epochs"] == 4, row
         assert len(row["round_ratios"]) == 2 and row["median_round_ratio"] > 0, row
     assert "hymenoptera epoch with tracking: mltrack_gpu_ro" in proc.stdout or not mlflow
+
+
+@pytest.mark.timeout(120)
+def test_log_batch_probe_delivers_both_ways_to_a_real_store() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_log_batch.py"), "--epochs", "3", "--rounds",
+                           "2"], env=_env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if "ms to deliver" in line]
+    assert [row.split("  ")[1].strip() for row in rows] == ["one log_batch per epoch", "mltrack (_spool.group)"]
+    assert "x wall" in proc.stdout and "x CPU" in proc.stdout
