@@ -42,8 +42,8 @@ def group(ops: Sequence[Op], max_metrics: int = 1000, max_tags: int = 100) -> li
     that follow it, as long as they fit one ``log_batch`` (MLflow's limits: ``max_metrics`` entities, metrics
     and tags together, of which at most ``max_tags`` tags; a tag key set twice counts once, as the sender keeps
     the last value). So an epoch's metrics and its commit tag land together or not at all, and epochs queued
-    together (held back behind a deferred checkpoint, or replayed from a spool) are one transaction, not two
-    per epoch: the sqlite store's commit is most of a ``log_batch``'s cost. Every other op is a batch of its
+    together (held back behind a deferred checkpoint, or replayed from a spool) are one transaction, not one
+    per epoch: a ``log_batch``'s cost is mostly per call (bench/probe_log_batch.py: 10 epochs 5.7x faster). Every other op is a batch of its
     own, so order is kept exactly: nothing moves past an artifact, params or terminate op."""
     batches: list[list[Op]] = []
     current: list[Op] = []
