@@ -43,6 +43,8 @@ def _mixed_state(device: str) -> dict[str, Any]:
         "transposed": torch.arange(12.0, device=device).reshape(3, 4).t(),
         "history": history,
         "meta": None,
+        "python_rng": [3, [7, 2**40, -1], None],  # a list of plain values is copied whole (random's state)
+        "frozen": (1, "a", 2.5, b"b", True),
     }
 
 
@@ -88,8 +90,10 @@ def test_start_snapshot_of_a_cpu_state_equals_snapshot_and_is_complete_at_once()
     assert snap["model"]["weight"] is not state["model"]["weight"]
     state["model"]["weight"].add_(1)  # later training reaches neither copy
     state["history"].append({"epoch": 1.0})
+    state["python_rng"][1][0] = 8
     assert torch.equal(snap["model"]["weight"], expected["model"]["weight"])
     assert len(snap["history"]) == 1
+    assert snap["python_rng"] == [3, [7, 2**40, -1], None] == expected["python_rng"]
     assert pending.wait() is snap  # waiting twice is harmless
 
 
