@@ -34,6 +34,14 @@ from mltrack.config import config_hash, load_config, to_dict  # noqa: E402
 from mltrack.epoch_io import EpochIO  # noqa: E402
 
 
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_cuda else []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    return []
+
+
 def make_state(model_name: str, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = getattr(torchvision.models, model_name)(num_classes=8).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -110,12 +118,18 @@ def main() -> None:
                 "rng": checkpoint.rng_state(generator), "config": to_dict(cfg), "config_hash": config_hash(cfg)}
 
     full = state()
+    cuda_tensors = [t for section in (full["model"], full["optimizer"]["state"]) for t in _tensors(section)]
     pieces: dict[str, Callable[[], Any]] = {
         "model.state_dict()": model.state_dict,
         "optimizer.state_dict()": optimizer.state_dict,
         "rng_state()": lambda: checkpoint.rng_state(generator),
         "config to_dict + hash": lambda: (to_dict(cfg), config_hash(cfg)),
         "torch.cuda.mem_get_info()": (lambda: torch.cuda.mem_get_info(device)) if device.type == "cuda" else None,
+        "allocator stats (memory_stats_as_nested_dict)": (
+            (lambda: torch.cuda.memory_stats_as_nested_dict(device)) if device.type == "cuda" else None),
+        "snapshot._room_for_clones (model + optimizer)": (
+            (lambda: snapshot._room_for_clones(device, cuda_tensors, snapshot.HEADROOM_BYTES))
+            if device.type == "cuda" else None),
         "start_snapshot(model + optimizer only)": lambda: snapshot.start_snapshot(
             {"model": full["model"], "optimizer": full["optimizer"]}),
         "start_snapshot(rng + config only)": lambda: snapshot.start_snapshot(

@@ -260,3 +260,63 @@ def test_checkpoint_hook_writes_the_epoch_end_state_of_a_cuda_model(background_i
     assert all(torch.equal(saved["model"][k], v) for k, v in weights.items())
     assert all(torch.equal(saved["optimizer"]["state"][i]["momentum_buffer"], m) for i, m in momenta.items())
     assert not torch.equal(model.state_dict()["0.weight"].cpu(), weights["0.weight"])  # training did move
+
+
+# ---------------------------------------------------------------- the room check (driver stubbed: no GPU in CI)
+
+
+class _Driver:
+    """What ``_room_for_clones`` asks of CUDA: the driver's free memory (counted) and the allocator's reserve."""
+
+    def __init__(self, free: int, reserved: int, backend: str = "native") -> None:
+        self.free, self.reserved, self.backend, self.queries = free, reserved, backend, 0
+
+    def mem_get_info(self, device: torch.device) -> tuple[int, int]:
+        self.queries += 1
+        return self.free, 1 << 40
+
+    def stats(self, device: torch.device) -> dict[str, Any]:
+        return {"reserved_bytes": {"all": {"current": self.reserved}}}
+
+
+@pytest.fixture
+def driver(monkeypatch: pytest.MonkeyPatch) -> _Driver:
+    from mltrack import snapshot as snapshot_module
+
+    fake = _Driver(free=10 << 30, reserved=1 << 30)
+    monkeypatch.setattr(snapshot_module, "_room_seen", {})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake.mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", fake.stats)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: fake.backend)
+    return fake
+
+
+def test_the_room_check_asks_the_driver_again_only_near_the_limit_or_after_the_ttl(
+        driver: _Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mltrack import snapshot as snapshot_module
+
+    device = torch.device("cuda", 0)
+    clones = [torch.empty(1 << 20, dtype=torch.uint8)] * 64  # 64 MiB: needs 2 x 64 MiB + headroom
+    room = lambda: snapshot_module._room_for_clones(device, clones, 256 << 20)  # noqa: E731
+
+    assert room() and driver.queries == 1
+    assert room() and room() and driver.queries == 1  # the query stands in: 10 GiB free, 384 MiB needed
+    driver.reserved += (10 << 30) - (600 << 20)  # the allocator grew: ~600 MiB left by the estimate
+    assert room() and driver.queries == 2  # under twice the need: asked again (the driver still says 10 GiB)
+    driver.free = 300 << 20
+    driver.reserved += (9 << 30) + (700 << 20)  # ~300 MiB left by the estimate
+    assert not room() and driver.queries == 3  # asked, and too little: the copy will be synchronous
+    driver.free = 10 << 30
+    assert room() and driver.queries == 4
+    monkeypatch.setattr(snapshot_module, "ROOM_QUERY_TTL_S", 0.0)
+    assert room() and driver.queries == 5  # an old answer is not used
+
+
+def test_the_room_check_asks_the_driver_every_time_when_the_allocator_does_not_count(driver: _Driver) -> None:
+    from mltrack import snapshot as snapshot_module
+
+    driver.backend = "cudaMallocAsync"
+    clones = [torch.empty(16, dtype=torch.float32)]
+    for expected in (1, 2, 3):
+        assert snapshot_module._room_for_clones(torch.device("cuda", 0), clones, 0)
+        assert driver.queries == expected
