@@ -125,8 +125,6 @@ def main() -> None:
         "rng_state()": lambda: checkpoint.rng_state(generator),
         "config to_dict + hash": lambda: (to_dict(cfg), config_hash(cfg)),
         "torch.cuda.mem_get_info()": (lambda: torch.cuda.mem_get_info(device)) if device.type == "cuda" else None,
-        "allocator stats (memory_stats_as_nested_dict)": (
-            (lambda: torch.cuda.memory_stats_as_nested_dict(device)) if device.type == "cuda" else None),
         "snapshot._room_for_clones (model + optimizer)": (
             (lambda: snapshot._room_for_clones(device, cuda_tensors, snapshot.HEADROOM_BYTES))
             if device.type == "cuda" else None),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from typing import Any, Callable
 
 import torch
@@ -37,11 +36,6 @@ HEADROOM_BYTES = 256 << 20  # device memory left free beyond the clones' share (
 # Exact types of values that are kept as they are (immutable). A list or tuple of only these is copied whole:
 # the RNG state's Mersenne Twister list has 625 ints, and walking them one call each took ~0.3 ms of an epoch end.
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
-
-# How long a driver query of free memory stands in for the next ones (see _room_for_clones).
-ROOM_QUERY_TTL_S = 30.0
-# Per device: (monotonic time, driver free bytes, allocator reserved bytes) at the last driver query.
-_room_seen: dict[torch.device, tuple[float, int, int]] = {}
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 _side_streams_lock = threading.Lock()
@@ -202,34 +196,10 @@ def _room_for_clones(device: torch.device, tensors: list[torch.Tensor], headroom
     Only memory the driver reports free counts: blocks the caching allocator holds unused at an epoch end
     are the next step's activations, and clones placed there make that step allocate anew. Twice the clones'
     bytes, because the allocator rounds and splits blocks, plus a margin for whatever else allocates.
-
-    The driver query (``cudaMemGetInfo``) is not asked at every epoch end: on some machines it takes
-    milliseconds, with the GPU idle at that moment. A query less than ``ROOM_QUERY_TTL_S`` old stands in,
-    less what this process's allocator reserved since, when that estimate leaves twice the room needed;
-    near the limit, or once it is older, the driver is asked again. What it cannot see (another process
-    or a library allocating outside the allocator within those seconds) is what the second factor of
-    two is for.
     """
-    needed = 2 * sum(t.numel() * t.element_size() for t in tensors) + headroom_bytes
-    now = time.monotonic()
-    reserved = _reserved_bytes(device)
-    seen = _room_seen.get(device)
-    if (reserved is not None and seen is not None and now - seen[0] < ROOM_QUERY_TTL_S
-            and seen[1] - max(0, reserved - seen[2]) >= 2 * needed):
-        return True
+    needed = sum(t.numel() * t.element_size() for t in tensors)
     free, _total = torch.cuda.mem_get_info(device)
-    if reserved is not None:
-        _room_seen[device] = (now, free, reserved)
-    return free >= needed
-
-
-def _reserved_bytes(device: torch.device) -> int | None:
-    """What this process's caching allocator holds on ``device``; None where it does not count it (the
-    ``cudaMallocAsync`` backend reports zeros), so that the driver is asked every time."""
-    if torch.cuda.get_allocator_backend() != "native":
-        return None
-    # The nested form: memory_reserved() flattens every statistic in Python first.
-    return torch.cuda.memory_stats_as_nested_dict(device).get("reserved_bytes", {}).get("all", {}).get("current")
+    return free >= 2 * needed + headroom_bytes
 
 
 def _flat_memory(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
