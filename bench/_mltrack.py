@@ -110,14 +110,15 @@ class Tracking:
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
-                 tensorboard: bool | None = None, every_epoch: bool = False, early_snapshot: bool = False) -> None:
+                 tensorboard: bool | None = None, figure_duty: float | None = None, early_snapshot: bool = False) -> None:
         """``figures``: None, or ``"inline"``: the default config's per-epoch confusion figure (MLflow +
         TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it.
+        ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default.
         ``early_snapshot``: ``CheckpointHook.EARLY_SNAPSHOT`` on (the copy of the tensors at the train end)."""
         self.workdir = Path(workdir) / name
         self.early_snapshot = early_snapshot
         self.figures = figures
-        self.every_epoch = every_epoch  # figures: no duty rule (EpochFigures.DUTY = 0), one per epoch
+        self.figure_duty = figure_duty
         # TensorBoard scalars (+ the figure's image sink): the default config has them with the figures
         self.tensorboard = figures is not None if tensorboard is None else tensorboard
         self.cpu_mark: float | None = None  # process CPU seconds (all threads) when this block's first epoch began
@@ -160,8 +161,8 @@ class Tracking:
             if tb is not None:
                 sinks.append(tensorboard_sink(lambda: tb.writer))
             figures = EpochFigures(sinks)
-            if self.every_epoch:
-                figures.DUTY = 0.0
+            if self.figure_duty is not None:
+                figures.DUTY = self.figure_duty
             self.figures_hook = FiguresHook(figures, self.io)
             hooks.append(self.figures_hook)
         if tb is not None:
