@@ -94,7 +94,7 @@ def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any], tracking: Any
         if tracking is not None and tracking.cpu_mark is None:
             tracking.cpu_mark = time.process_time()
             tracking.threads_mark = thread_cpu_s()
-        ctx.last = run_epoch(ctx, hooks)
+        ctx.last = run_epoch(ctx)
         start = time.perf_counter()
         for hook in hooks:
             hook.on_epoch_end(ctx)
@@ -110,13 +110,11 @@ class Tracking:
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
-                 tensorboard: bool | None = None, figure_duty: float | None = None, early_snapshot: bool = False) -> None:
+                 tensorboard: bool | None = None, figure_duty: float | None = None) -> None:
         """``figures``: None, or ``"inline"``: the default config's per-epoch confusion figure (MLflow +
         TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it.
-        ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default.
-        ``early_snapshot``: ``CheckpointHook.EARLY_SNAPSHOT`` on (the copy of the tensors at the train end)."""
+        ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default."""
         self.workdir = Path(workdir) / name
-        self.early_snapshot = early_snapshot
         self.figures = figures
         self.figure_duty = figure_duty
         # TensorBoard scalars (+ the figure's image sink): the default config has them with the figures
@@ -150,7 +148,6 @@ class Tracking:
         run_id = self.tracker.run_id if self.tracker is not None else "none"
         meta = {"split_digest": "bench", "dataset_fingerprint": "bench", "mlflow_run_id": run_id}
         self.checkpoints = CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)
-        self.checkpoints.EARLY_SNAPSHOT = self.early_snapshot
         hooks: list[Any] = [self.checkpoints]
         if self.tracker is not None:  # holds a deferred epoch's metrics until a later checkpoint, as run.py wires it
             hooks.append(TrackingHook(self.tracker, io=self.io, checkpoints=self.checkpoints))
@@ -180,8 +177,6 @@ class Tracking:
         t0 = time.perf_counter()
         self.io.drain()
         out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
-        if self.early_snapshot:
-            out["checkpoints_from_early_copy"] = self.checkpoints.early_used
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"

@@ -23,23 +23,19 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
                     place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
 
 # The tracking group's variants: None (no hooks) or _mltrack.Tracking's (mlflow, figures, tensorboard,
-# figure_duty, early_snapshot). tracked_default is what `mltrack train` does with the default config: checkpoints, MLflow
+# figure_duty). tracked_default is what `mltrack train` does with the default config: checkpoints, MLflow
 # metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and TensorBoard,
 # rendered on the epoch-IO thread under the figures' duty rule (mltrack.figures). The other rows take one part
 # away or change one thing, to show what each costs: tracked_default_every_epoch renders every epoch's figure
 # (no duty rule; the default before it, which also rendered twice per epoch), tracked_default_figure_duty100
 # renders one at most every 100 renders' time (1 % of the wall time); tracked_tensorboard has no
-# figures; the *_early rows are their namesakes with CheckpointHook.EARLY_SNAPSHOT on (off by default until
-# this group shows it helps).
-TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], Optional[float], bool]]] = {
-    "untracked": None, "checkpoint_only": (False, None, False, None, False),
-    "tracked": (True, None, False, None, False), "tracked_tensorboard": (True, None, True, None, False),
-    "tracked_default": (True, "inline", True, None, False),
-    "tracked_default_every_epoch": (True, "inline", True, 0.0, False),
-    "tracked_default_figure_duty100": (True, "inline", True, 100.0, False),
-    # CheckpointHook.EARLY_SNAPSHOT on: the tensors' copy at the train end, hidden behind the last steps
-    "checkpoint_only_early": (False, None, False, None, True),
-    "tracked_default_early": (True, "inline", True, None, True)}
+# figures.
+TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], Optional[float]]]] = {
+    "untracked": None, "checkpoint_only": (False, None, False, None),
+    "tracked": (True, None, False, None), "tracked_tensorboard": (True, None, True, None),
+    "tracked_default": (True, "inline", True, None),
+    "tracked_default_every_epoch": (True, "inline", True, 0.0),
+    "tracked_default_figure_duty100": (True, "inline", True, 100.0)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
@@ -307,7 +303,7 @@ class Plan:
         both.value = None  # frees its cache before the compiled group
 
     def _interleaved(self, both: Lazy, model: torch.nn.Module,
-                     variants: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], Optional[float], bool]]]
+                     variants: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], Optional[float]]]]
                      ) -> dict[str, Any]:
         """One FitContext, hooks and (tracked) MLflow run per variant, kept for all rounds; the model is shared.
         Returns each variant's row (or its error), the protocol recorded in the row and in ``extra``."""

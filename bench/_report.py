@@ -120,8 +120,6 @@ def _tracking(R: Any) -> None:
         drains = (f"{row['io_drain_s']:.3f} / {row.get('queue_drain_s', '-')} s" if "io_drain_s" in row else "-")
         if "checkpoints_queued" in row:
             drains += f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up epochs"
-        if "checkpoints_from_early_copy" in row:
-            drains += f" ({row['checkpoints_from_early_copy']} from the train-end copy)"
         if "figures" in row:
             drains += f"; figures {row['figures']}"
         if "process_cpus" in row:

@@ -59,7 +59,7 @@ def main() -> None:
     hooks = tracking.hooks(fit) if tracking else []
 
     def epoch() -> None:
-        fit.last = loop.run_epoch(fit, hooks)
+        fit.last = loop.run_epoch(fit)
         for hook in hooks:
             hook.on_epoch_end(fit)
 

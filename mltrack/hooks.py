@@ -49,25 +49,13 @@ class Hook:
         return None
 
 
-def tensor_sections(ctx: FitContext) -> dict[str, Any]:
-    """The large tensors of the state: the model's state dict and the optimizer's per-parameter state
-    (``optimizer.state_dict()["state"]``, which every torch optimizer and its wrappers have)."""
-    return {"model": ctx.trainer.unwrap(ctx.model).state_dict(), "optimizer": ctx.optimizer.state_dict()["state"]}
-
-
-def checkpoint_state(ctx: FitContext, meta: dict[str, Any], sections: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
-    """The full resumable state as plain data (DESIGN §5). ``sections``: stand-ins for the model's state
-    dict and the optimizer's per-parameter state (see :func:`tensor_sections`), e.g. empty dicts to be
-    filled from a copy taken earlier; everything else is read now."""
+def checkpoint_state(ctx: FitContext, meta: dict[str, Any]) -> dict[str, Any]:
+    """The full resumable state as plain data (DESIGN §5)."""
     generator = getattr(ctx.loaders.get("train"), "generator", None)
-    optimizer = ctx.optimizer.state_dict()
-    if sections is not None:
-        optimizer["state"] = sections["optimizer"]
     return {
         "schema": checkpoint.SCHEMA,
-        "model": ctx.trainer.unwrap(ctx.model).state_dict() if sections is None else sections["model"],
-        "optimizer": optimizer,
+        "model": ctx.trainer.unwrap(ctx.model).state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
         "scheduler": ctx.schedule.state_dict(),
         "trainer": ctx.trainer.state_dict(),
         "progress": ctx.state.state_dict(),
@@ -111,23 +99,10 @@ class CheckpointHook(Hook):
     With epochs longer than that (the usual case), writes shorter than ``DUTY_MIN_WRITE_S`` (small models)
     and under synchronous IO (fault injection, ``MLTRACK_SYNC_EPOCH_IO``) every epoch is written.
     ``queued`` counts the checkpoints queued (for benchmarks and tests).
-
-    Early copy (``EARLY_SNAPSHOT``, off by default until a GPU benchmark shows it helps): at an epoch end
-    the GPU has nothing queued (validation ended with a read of its sums), so the ~6 ms of host work of
-    starting the snapshot (state dicts, tree walk, ``torch.cat``, side-stream copy; measured per written
-    checkpoint on an H200, resnet18 + momentum) is 6 ms of an idle GPU, +1.2 % of a 0.49 s epoch. With it on,
-    ``on_train_end`` (after the last optimizer step is queued, before the train sums are read) starts the copy
-    of the large tensors (:func:`tensor_sections`) while the GPU still runs the epoch's last steps; the
-    epoch end then copies only the small rest and the worker joins the two. Validation does not change them
-    (eval mode, no optimizer step). The copy is taken there when the duty rule already says this epoch will
-    be written (it then decides at the train end, not after validation), or, when only an improvement would
-    write it, speculatively while the GPU is busy and the last speculative copy was hidden behind queued work
-    (an epoch that is then not written drops it). Otherwise the epoch end copies everything, as without it.
     """
 
     DUTY = 10.0
     DUTY_MIN_WRITE_S = 0.1
-    EARLY_SNAPSHOT = False
 
     def __init__(self, weights_dir: Path, tracker: Any, meta: dict[str, Any], io: EpochIO | None = None) -> None:
         self.weights_dir = weights_dir
@@ -141,9 +116,6 @@ class CheckpointHook(Hook):
         self.queued = 0
         self.write_s = 0.0  # duration of the last checkpoint job (worker thread)
         self.queued_at = -math.inf  # when the last checkpoint was queued (training thread)
-        self._early: _EarlyCopy | None = None  # the tensors' copy started by on_train_end, for on_epoch_end
-        self._speculate = True  # the last speculative early copy was hidden behind queued GPU work
-        self.early_used = 0  # checkpoints written from an early copy (benchmarks and tests)
 
     def on_fit_start(self, ctx: FitContext) -> None:
         removed = checkpoint.clean_stale_tmp(self.weights_dir)
@@ -155,63 +127,33 @@ class CheckpointHook(Hook):
             if digests:
                 self.stored[name] = digests[0]
 
-    def _recent(self) -> bool:
-        """The duty rule: a checkpoint was queued less than DUTY x the last write's duration ago."""
-        return (not self.io.inline and self.write_s >= self.DUTY_MIN_WRITE_S
-                and time.monotonic() - self.queued_at < self.DUTY * self.write_s)
-
-    def on_train_end(self, ctx: FitContext) -> None:
-        """Start the early copy of the tensors (see the class docstring) when it will or may be used."""
-        self._early = None
-        if not (self.EARLY_SNAPSHOT and ctx.trainer.is_main_process) or self.io.inline or not self.io.slot_free():
-            return
-        certain = not self._recent()  # written whatever validation says
-        busy = _gpu_busy(ctx.trainer.device)
-        if not certain and (busy is None or busy.query() or not self._speculate):
-            return  # would be written only on an improvement, and no queued GPU work would hide the copy
-        snap = start_snapshot(tensor_sections(ctx))
-        if busy is not None:  # speculate again only while the copy's host work hides behind the GPU's queue
-            self._speculate = not busy.query()
-        self._early = _EarlyCopy(ctx.state.epoch, ctx.state.global_step, certain, snap)
-
     def on_epoch_end(self, ctx: FitContext) -> None:
-        early, self._early = self._early, None
-        if early is not None and (early.epoch, early.step) != (ctx.state.epoch - 1, ctx.state.global_step):
-            early = None  # not this epoch's (a stop or an error came between): never written
         if not ctx.trainer.is_main_process:
             return
         improved = ctx.last is not None and ctx.last.improved
-        if early is not None and early.certain:
-            self.deferred = False  # the duty rule was applied at the train end
-        else:
-            self.deferred = not improved and (self._recent() or not self.io.slot_free())
+        recent = (not self.io.inline and self.write_s >= self.DUTY_MIN_WRITE_S
+                  and time.monotonic() - self.queued_at < self.DUTY * self.write_s)
+        self.deferred = not improved and (recent or not self.io.slot_free())
         if not self.deferred:
-            self._submit(ctx, improved, early)
+            self._submit(ctx, improved)
 
     def on_fit_end(self, ctx: FitContext) -> None:
-        self._early = None
         if ctx.trainer.is_main_process and self.deferred:  # the final state is always written
             self._submit(ctx, improved=False)
             self.deferred = False
 
-    def _submit(self, ctx: FitContext, improved: bool, early: "_EarlyCopy | None" = None) -> None:
+    def _submit(self, ctx: FitContext, improved: bool) -> None:
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
         # Inline IO (fault injection, MLTRACK_SYNC_EPOCH_IO) keeps the copy synchronous: the state is complete
         # where the epoch ends, as crash points and debugging expect.
-        sections = {"model": {}, "optimizer": {}} if early is not None else None
-        snap = start_snapshot(checkpoint_state(ctx, self.meta, sections), background=not self.io.inline)
+        snap = start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
         self.queued_at = time.monotonic()
         self.queued += 1
-        self.early_used += early is not None
-        self.io.submit(self._epoch_job, snap, improved, ctx.state.epoch - 1, early.snapshot if early else None,
-                       bounded=True)
+        self.io.submit(self._epoch_job, snap, improved, ctx.state.epoch - 1, bounded=True)
 
-    def _epoch_job(self, snap: Snapshot, improved: bool, epoch: int, early: Snapshot | None = None) -> None:
+    def _epoch_job(self, snap: Snapshot, improved: bool, epoch: int) -> None:
         start = time.monotonic()
         state = snap.wait()  # outside _checkpoint_errors: a CUDA error surfacing here is not the disk's
-        if early is not None:  # the tensors copied at the train end join the rest
-            tensors = early.wait()
-            state["model"], state["optimizer"]["state"] = tensors["model"], tensors["optimizer"]
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
             self._write(state, improved)
         fault("after_ckpt_write", epoch)
@@ -226,7 +168,6 @@ class CheckpointHook(Hook):
         """A stop inside an epoch: write (and queue) a step-granular ``last.pt``, synchronously, after the
         queued epoch jobs. Between epochs the epoch's own checkpoint is already the latest state, so
         nothing is written - unless that epoch's checkpoint was deferred."""
-        self._early = None
         self.io.drain()  # the previous epoch's write must not race this one (rotation reads last.pt)
         if ctx.trainer.is_main_process and (ctx.state.batch > 0 or self.deferred):
             self.deferred = False
@@ -270,26 +211,6 @@ class CheckpointHook(Hook):
         tmp.write_text("".join(f"{d}  {name}\n" for d in digests))
         os.replace(tmp, path)
         return path
-
-
-class _EarlyCopy:
-    """A copy of :func:`tensor_sections` started at a train end: which epoch and step it holds, whether the
-    duty rule had already decided to write that epoch, and the snapshot."""
-
-    __slots__ = ("epoch", "step", "certain", "snapshot")
-
-    def __init__(self, epoch: int, step: int, certain: bool, snapshot: Snapshot) -> None:
-        self.epoch, self.step, self.certain, self.snapshot = epoch, step, certain, snapshot
-
-
-def _gpu_busy(device: torch.device) -> torch.cuda.Event | None:
-    """An event recorded behind the work queued on ``device``'s current stream (``query()`` False while
-    the GPU still runs it); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
 
 
 @contextmanager

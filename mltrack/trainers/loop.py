@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -291,13 +291,9 @@ def _optimizer_step(ctx: FitContext, sums: "_EpochSums", group_loss: torch.Tenso
     trainer.zero_grad(ctx.optimizer)
 
 
-def train_epoch(ctx: FitContext, hooks: Sequence[Any] = ()) -> tuple[dict[str, float], torch.Tensor]:
+def train_epoch(ctx: FitContext) -> tuple[dict[str, float], torch.Tensor]:
     """One pass over the train loader (or the rest of it after a mid-epoch resume); returns (metrics,
-    train confusion matrix). A stop request is honoured after a complete optimizer step (Interrupted).
-
-    ``hooks`` that have ``on_train_end(ctx)`` get it after the last optimizer step is queued and before the
-    epoch's sums are read back: the one point of an epoch where the GPU may still have work queued while
-    the host is free (``CheckpointHook`` starts its copy of the state there)."""
+    train confusion matrix). A stop request is honoured after a complete optimizer step (Interrupted)."""
     trainer, loader = ctx.trainer, ctx.loaders["train"]
     assert loader is not None
     ctx.model.train()
@@ -326,9 +322,6 @@ def train_epoch(ctx: FitContext, hooks: Sequence[Any] = ()) -> tuple[dict[str, f
                     raise _stop_inside_epoch(ctx, sums, done)
             advance(1)
     elapsed = sums.elapsed()
-    for hook in hooks:
-        if hasattr(hook, "on_train_end"):
-            hook.on_train_end(ctx)
     sums.bad.check_now(f"epoch {ctx.state.epoch}")
     sums.close(ctx)
     loss_sum, seen, cm = trainer.reduce_sum(sums.loss_sum), trainer.reduce_sum(sums.seen), trainer.reduce_sum(sums.cm)
@@ -394,11 +387,10 @@ def _improved(ctx: FitContext, value: float) -> bool:
     return value < best - delta
 
 
-def run_epoch(ctx: FitContext, hooks: Sequence[Any] = ()) -> EpochOutput:
-    """Train + validate one epoch and update the fit state (best metric, early stopping, schedule);
-    ``hooks``: see :func:`train_epoch` (their ``on_epoch_end`` is the caller's to call)."""
+def run_epoch(ctx: FitContext) -> EpochOutput:
+    """Train + validate one epoch and update the fit state (best metric, early stopping, schedule)."""
     start = time.perf_counter()
-    train_metrics, train_cm = train_epoch(ctx, hooks)
+    train_metrics, train_cm = train_epoch(ctx)
     fault("after_train", ctx.state.epoch)
     val_loader = ctx.loaders["val"]
     assert val_loader is not None
@@ -449,7 +441,7 @@ def fit(ctx: FitContext, hooks: list[Any]) -> FitState:
         hook.on_fit_start(ctx)
     while not _finished(ctx):
         _stop_at_boundary()
-        ctx.last = run_epoch(ctx, hooks)
+        ctx.last = run_epoch(ctx)
         for hook in hooks:
             hook.on_epoch_end(ctx)
     _stop_at_boundary()

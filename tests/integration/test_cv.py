@@ -143,10 +143,10 @@ def test_fold_subset_runs_only_those_folds_and_a_failing_fold_does_not_stop_the_
     write_dataset(workdir / "ds", folds=3)
     real_epoch = loop.run_epoch
 
-    def fold_0_crashes(ctx, hooks=()):  # fault injection (as RELIABILITY T22): fold 0 dies inside its first epoch
+    def fold_0_crashes(ctx):  # fault injection (as RELIABILITY T22): fold 0 dies inside its first epoch
         if ctx.cfg.data.fold == 0:
             raise RuntimeError("injected fault in fold 0")
-        return real_epoch(ctx, hooks)
+        return real_epoch(ctx)
 
     monkeypatch.setattr(loop, "run_epoch", fold_0_crashes)
     result = CliRunner().invoke(cli, ["cv", "--data-dir", "ds", "--num-epochs", "1", "--folds", "0,2", *TINY],

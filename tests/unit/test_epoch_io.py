@@ -16,7 +16,7 @@ import torch
 from mltrack import checkpoint
 from mltrack.config import load_config
 from mltrack.errors import CheckpointError
-from mltrack.hooks import CheckpointHook, EpochIO, Hook, TrackingHook
+from mltrack.hooks import CheckpointHook, EpochIO, TrackingHook
 from mltrack.snapshot import snapshot
 from mltrack.trainers.loop import EpochOutput, FitContext
 
@@ -299,139 +299,6 @@ def test_written_checkpoint_holds_the_state_at_epoch_end_not_later_training(io: 
         ("log_artifact", ("last.pt.sha256", None)), ("log_artifact", ("last.pt", 0)),
         ("log_metrics", 0), ("set_tags", "0")]
     assert all(e[2].startswith(IO_THREAD) for e in tracker.events)
-
-
-def _early_hook(tmp_path: Path, io: EpochIO) -> CheckpointHook:
-    hook = CheckpointHook(tmp_path / "weights", None, {"mlflow_run_id": "r0"}, io)
-    hook.EARLY_SNAPSHOT = True
-    return hook
-
-
-def test_early_copy_holds_the_train_end_tensors_and_the_epoch_end_rest(io: EpochIO, tmp_path: Path) -> None:
-    """EARLY_SNAPSHOT: the tensors are copied at the train end; the epoch end adds what validation and the
-    schedule changed (progress, the learning rate); training after it reaches neither."""
-    model, optimizer = _trained_model()
-    ctx = _ctx(model, optimizer)
-    hook = _early_hook(tmp_path, io)
-    ctx.state.epoch, ctx.state.global_step = 0, 7  # inside run_epoch: the epoch not yet counted
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
-    hook.on_train_end(ctx)
-    ctx.state.epoch = 1  # run_epoch's bookkeeping after validation
-    ctx.state.history.append({"epoch": 0.0, "val/acc": 0.5})
-    optimizer.param_groups[0]["lr"] = 0.05  # a per-epoch schedule step after validation
-    gate = threading.Event()
-    io.submit(gate.wait, 10)  # the write waits while the next epoch trains in place
-    hook.on_epoch_end(ctx)
-    _step(model, optimizer)
-    optimizer.param_groups[0]["lr"] = 0.01
-    gate.set()
-    io.drain()
-    saved = checkpoint.load(tmp_path / "weights" / "last.pt")
-    assert hook.early_used == 1 and hook.queued == 1
-    assert list(saved["model"]) == list(weights) and all(torch.equal(saved["model"][k], v) for k, v in weights.items())
-    assert all(torch.equal(saved["optimizer"]["state"][0][k], v) for k, v in moments.items())
-    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.05 and saved["optimizer"]["param_groups"][0]["params"]
-    assert saved["progress"]["epoch"] == 1 and saved["progress"]["history"] == [{"epoch": 0.0, "val/acc": 0.5}]
-    # the same checkpoint as the epoch-end copy makes of the same state
-    late = CheckpointHook(tmp_path / "late", None, {"mlflow_run_id": "r0"}, io)
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(saved["optimizer"])
-    late.on_epoch_end(ctx)
-    io.drain()
-    again = checkpoint.load(tmp_path / "late" / "last.pt")
-    assert again.keys() == saved.keys() and again["optimizer"].keys() == saved["optimizer"].keys()
-    assert again["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
-    assert {k: v for k, v in again.items() if k not in ("model", "optimizer", "rng")} == {
-        k: v for k, v in saved.items() if k not in ("model", "optimizer", "rng")}
-
-
-def test_early_copy_of_another_step_is_never_written(io: EpochIO, tmp_path: Path) -> None:
-    model, optimizer = _trained_model()
-    ctx = _ctx(model, optimizer)
-    hook = _early_hook(tmp_path, io)
-    ctx.state.epoch, ctx.state.global_step = 0, 7
-    hook.on_train_end(ctx)
-    _step(model, optimizer)  # e.g. a stop and a resume in between: the copy is not this epoch end's state
-    ctx.state.epoch, ctx.state.global_step = 1, 8
-    now = {k: v.clone() for k, v in model.state_dict().items()}
-    hook.on_epoch_end(ctx)
-    io.drain()
-    saved = checkpoint.load(tmp_path / "weights" / "last.pt")
-    assert hook.early_used == 0 and all(torch.equal(saved["model"][k], v) for k, v in now.items())
-
-
-def test_no_early_copy_when_only_an_improvement_would_write_and_no_gpu_hides_it(io: EpochIO, tmp_path: Path) -> None:
-    model, optimizer = _trained_model()
-    ctx = _ctx(model, optimizer)
-    hook = _early_hook(tmp_path, io)
-    hook.write_s, hook.queued_at = 1.0, time.monotonic()  # a write just queued: the duty rule defers
-    ctx.state.epoch = 0
-    hook.on_train_end(ctx)
-    assert hook._early is None  # a CPU run: nothing could hide a speculative copy
-    ctx.state.epoch = 1
-    ctx.last = EpochOutput({}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
-    hook.on_epoch_end(ctx)
-    assert hook.deferred and hook.queued == 0
-    hook.on_train_end(ctx)
-    ctx.last = EpochOutput({}, torch.zeros(2, 2), torch.zeros(2, 2), improved=True)
-    hook.on_epoch_end(ctx)  # an improvement is written all the same, copied at the epoch end
-    io.drain()
-    assert hook.queued == 1 and hook.early_used == 0 and (tmp_path / "weights" / "best.pt").is_file()
-
-
-def _fit_with_checkpoints(weights: Path, early: bool) -> tuple[CheckpointHook, dict[str, Any]]:
-    """Three real epochs (``loop.fit``: train, validation, hooks) of a small model on tensors, every epoch's
-    checkpoint written on a background worker; returns the hook and the last checkpoint."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from mltrack.optim import build_scheduler
-    from mltrack.trainers import build_trainer
-    from mltrack.trainers.loop import fit
-
-    torch.manual_seed(0)
-    x, y = torch.randn(48, 4), torch.arange(48) % 2
-    loaders = {"train": DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8, shuffle=True,
-                                   generator=torch.Generator().manual_seed(1)),
-               "val": DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8), "test": None}
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cfg = load_config(None, ["training.device=cpu", "tracking.progress='off'", "training.num_epochs=3",
-                             "scheduler.name=step"])
-    schedule = build_scheduler(cfg.scheduler, optimizer, 3, len(loaders["train"]), 0.1, mode=cfg.training.monitor_mode)
-    ctx = FitContext(cfg, model, optimizer, schedule, build_trainer(cfg.training, torch.device("cpu")), loaders,
-                     torch.nn.CrossEntropyLoss(), ["a", "b"])
-    io = EpochIO(inline=False)
-    hook = CheckpointHook(weights, None, {"mlflow_run_id": "r0"}, io)
-    hook.EARLY_SNAPSHOT = early
-    hook.DUTY_MIN_WRITE_S = float("inf")  # every epoch written, whatever the disk's speed: counts are exact
-
-    class Drain(Hook):  # each write done before the next epoch: a free slot at every train end (else: a late copy)
-        def on_epoch_end(self, ctx: FitContext) -> None:
-            io.drain()
-
-    try:
-        fit(ctx, [hook, Drain()])
-        io.drain()
-    finally:
-        io.close(quiet=True)
-    return hook, checkpoint.load(weights / "last.pt")
-
-
-def test_a_real_fit_writes_the_same_checkpoints_with_the_early_copy(tmp_path: Path) -> None:
-    late_hook, late = _fit_with_checkpoints(tmp_path / "late", early=False)
-    early_hook, early = _fit_with_checkpoints(tmp_path / "early", early=True)
-    assert late_hook.early_used == 0 and early_hook.early_used == early_hook.queued == late_hook.queued == 3
-    timeless = lambda c: {**c["progress"], "history": [  # noqa: E731  (wall-clock metrics differ, of course)
-        {k: v for k, v in h.items() if k not in ("train/img_per_s", "epoch_time_s")} for h in c["progress"]["history"]]}
-    assert early.keys() == late.keys() and timeless(early) == timeless(late)
-    assert len(early["progress"]["history"]) == 3
-    assert all(torch.equal(early["model"][k], v) for k, v in late["model"].items())
-    moments = [(s["momentum_buffer"], early["optimizer"]["state"][i]["momentum_buffer"])
-               for i, s in late["optimizer"]["state"].items()]
-    assert len(moments) == 4 and all(torch.equal(a, b) for a, b in moments)
-    assert early["optimizer"]["param_groups"] == late["optimizer"]["param_groups"]
-    assert early["scheduler"] == late["scheduler"] and early["progress"]["epoch"] == 3
 
 
 def test_write_error_in_the_worker_is_one_checkpoint_error(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
