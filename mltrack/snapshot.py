@@ -37,6 +37,12 @@ HEADROOM_BYTES = 256 << 20  # device memory left free beyond the clones' share (
 # the RNG state's Mersenne Twister list has 625 ints, and walking them one call each took ~0.3 ms of an epoch end.
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
+
+def _plain(items: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether every item is an immutable scalar (exact types: subclasses may carry state)."""
+    return all(type(v) in _ATOMS for v in items)
+
+
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 _side_streams_lock = threading.Lock()
 
@@ -144,7 +150,7 @@ def _snapshot(obj: Any, memo: dict[int, Any], pending: list[torch.Tensor],
             out[key] = _snapshot(value, memo, pending, groups, section)
         return out
     if isinstance(obj, list):
-        if type(obj) is list and all(type(v) in _ATOMS for v in obj):
+        if type(obj) is list and _plain(obj):
             return obj.copy()  # a later append or assignment does not reach the copy; its items are immutable
         items = [_snapshot(v, memo, pending, groups, section) for v in obj]
         if type(obj) is list:
@@ -153,7 +159,7 @@ def _snapshot(obj: Any, memo: dict[int, Any], pending: list[torch.Tensor],
         out_list[:] = items
         return out_list
     if isinstance(obj, tuple):
-        if all(type(v) in _ATOMS for v in obj):
+        if _plain(obj):
             return obj  # immutable all the way down
         items = [_snapshot(v, memo, pending, groups, section) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple or tuple
@@ -170,14 +176,12 @@ def _fill(obj: Any, hosts: list[torch.Tensor | None]) -> Any:
         for key, value in obj.items():
             obj[key] = _fill(value, hosts)
         return obj
+    if isinstance(obj, (list, tuple)) and _plain(obj):
+        return obj  # no slot in it
     if isinstance(obj, list):
-        if all(type(v) in _ATOMS for v in obj):
-            return obj  # no slot in it
         obj[:] = [_fill(v, hosts) for v in obj]
         return obj
     if isinstance(obj, tuple):
-        if all(type(v) in _ATOMS for v in obj):
-            return obj  # no slot in it
         items = [_fill(v, hosts) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
