@@ -243,16 +243,17 @@ class Plan:
         cached = Lazy(lambda: self._build(mode, root, batch, ("train", "val")))
         mlflow_missing = _store_missing()
 
-        def mltrack_epochs(tracked: Optional[bool], compiled: Optional[Lazy] = None) -> dict[str, Any]:
+        def mltrack_epochs(variant: Optional[str], compiled: Optional[Lazy] = None) -> dict[str, Any]:
             loaders = cached.get()
             place(model, self.device, channels_last=True)
             compiles = compiled is not None and compiled.value is None  # this variant's warm-up compiles
             module = compiled.get() if compiled is not None else None  # torch.compile is lazy: nothing runs yet
             fit = context(model, loaders, self.device, batch, compiled=module)
-            label = f"hymen_{tracked}{'' if module is None else '_compiled'}"
-            # tracked = the default config's tracking (figures per epoch for MLflow and TensorBoard included)
-            tracking = (Tracking(self.work, label, bool(tracked), "inline" if tracked else None)
-                        if tracked is not None else None)
+            label = f"hymen_{variant}{'' if module is None else '_compiled'}"
+            # variant: a TRACKING_VARIANTS name; "tracked_default" is the default config's tracking (figures
+            # per epoch for MLflow and TensorBoard included), "checkpoint_only" checkpoints without MLflow
+            spec = TRACKING_VARIANTS[variant] if variant is not None else None
+            tracking = Tracking(self.work, label, *spec) if spec is not None else None
             run = full_epochs(fit, n_train + n_val, tracking.hooks(fit) if tracking else [], tracking)
             warm: dict[str, Any] = {"warmup_epochs": 2 * self.cfg["warmup"]}
             if module is not None:
@@ -268,10 +269,11 @@ class Plan:
                            compiled_here=compiles)
             return {**out, **(tracking.finish() if tracking else {}), "build_s": cached.seconds, "cache": loaders.cache}
 
-        self.R.measure("hymenoptera", f"mltrack_{mode}", arch, lambda: mltrack_epochs(None), need_s=10)
-        self.R.measure("hymenoptera", f"mltrack_{mode}_checkpoint", arch, lambda: mltrack_epochs(False), need_s=10)
-        self.R.measure("hymenoptera", f"mltrack_{mode}_tracked", arch, lambda: mltrack_epochs(True),
-                       unavailable=mlflow_missing, need_s=15)
+        rows = (("", None), ("_checkpoint", "checkpoint_only"), ("_tracked", "tracked_default"))
+        for suffix, variant in rows:
+            self.R.measure("hymenoptera", f"mltrack_{mode}{suffix}", arch, lambda v=variant: mltrack_epochs(v),
+                           unavailable=mlflow_missing if variant and TRACKING_VARIANTS[variant][0] else None,
+                           need_s=15 if variant == "tracked_default" else 10)
         compile_mode = self.cfg["hymen_compile_mode"]
         if not compile_mode:
             return
@@ -280,10 +282,13 @@ class Plan:
         compiled = Lazy(lambda: compile_like_run(model, self.device, compile_mode))
         why_not = "--tiny (compiling takes minutes)" if self.tiny else self.gpu_only
         tag = COMPILE_TAGS.get(compile_mode, compile_mode.replace("-", "_"))
-        for suffix, tracked in (("", None), ("_checkpoint", False), ("_tracked", True)):
+        # --hymen-variants: more tracking variants (TRACKING_VARIANTS names), compiled only, to price each part
+        extra = tuple((f"+{v}", v) for v in self.cfg["hymen_variants"])  # "+": "_tracked" is taken
+        for suffix, variant in rows + extra:
             self.R.measure("hymenoptera", f"mltrack_{mode}_{tag}{suffix}", arch,
-                           lambda t=tracked: mltrack_epochs(t, compiled),
-                           unavailable=why_not or (mlflow_missing if tracked else None),
+                           lambda v=variant: mltrack_epochs(v, compiled),
+                           unavailable=why_not or (mlflow_missing if variant and TRACKING_VARIANTS[variant][0]
+                                                   else None),
                            need_s=15 if compiled.value is not None else 180)
 
     def tracking(self) -> None:

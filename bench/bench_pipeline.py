@@ -46,11 +46,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--hymen-compile-mode", default="reduce-overhead",
                    help="hymenoptera group on CUDA: also measure its three mltrack variants compiled in this "
                         "training.compile_mode ('' = none; reduce-overhead = CUDA graphs)")
+    p.add_argument("--hymen-variants", default="",
+                   help="hymenoptera group, compiled rows: also measure these tracking variants (names of the "
+                        "tracking group's rows, e.g. tracked,tracked_tensorboard), to price each part")
     p.add_argument("--tracking-rounds", type=int, default=None,
                    help="tracking group: rounds of interleaved blocks (default 6: each of the 3 variants "
                         "twice at each place in the order; --tiny 1)")
     p.add_argument("--tracking-block", type=int, default=None,
                    help="tracking group: epochs per variant per round (default 3; --tiny 1)")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval for the whole run, s (default: Python's, 0.005): how long a thread "
+                        "waits for the GIL before its holder is asked to let go (the epoch-IO worker vs the "
+                        "training thread)")
     p.add_argument("--markdown", metavar="BENCH_JSON", help="only print a saved bench.json as Markdown (README)")
     return p.parse_args(argv)
 
@@ -68,7 +75,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                     hymen=(244, 153, 32), max_epochs=60, warmup=1, tracking_rounds=6, tracking_block=3)
     over = dict(models=args.models and args.models.split(","), train=args.train_images, batch=args.batch_size,
                 image=args.image_size, workers=args.workers, seconds=args.seconds, budget=args.budget_s,
-                tracking_rounds=args.tracking_rounds, tracking_block=args.tracking_block)
+                tracking_rounds=args.tracking_rounds, tracking_block=args.tracking_block,
+                switch_interval=args.switch_interval)
     base.update({k: v for k, v in over.items() if v is not None})
     base["compile"] = [m for m in args.compile_models.split(",") if m] if not args.tiny else []
     base["groups"] = [g for g in args.groups.split(",") if g]
@@ -78,6 +86,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     base["skip"] = set(filter(None, args.skip.split(",")))
     if min(base["tracking_rounds"], base["tracking_block"]) < 1:
         raise SystemExit("--tracking-rounds and --tracking-block must be at least 1")
+    from _plan import TRACKING_VARIANTS
+
+    base["hymen_variants"] = [v for v in args.hymen_variants.split(",") if v]
+    unknown = sorted(set(base["hymen_variants"]) - {v for v, spec in TRACKING_VARIANTS.items() if spec})
+    if unknown:
+        raise SystemExit(f"--hymen-variants: unknown {', '.join(unknown)}; valid: "
+                         f"{', '.join(v for v, spec in TRACKING_VARIANTS.items() if spec)}")
     base["hymen_compile_mode"] = args.hymen_compile_mode.strip()
     if base["hymen_compile_mode"]:
         from _mltrack import load_compile_config
@@ -181,6 +196,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(markdown(Path(args.markdown)))
         return 0
     cfg = settings(args)
+    if cfg.get("switch_interval"):
+        sys.setswitchinterval(cfg["switch_interval"])
+    cfg["switch_interval"] = sys.getswitchinterval()
     import torch
 
     from _plan import run_all
