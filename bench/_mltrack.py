@@ -110,10 +110,13 @@ class Tracking:
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
-                 tensorboard: bool | None = None, figure_duty: float | None = None) -> None:
+                 tensorboard: bool | None = None, figure_duty: float | None = None,
+                 sender_process: bool | None = None) -> None:
         """``figures``: None, or ``"inline"``: the default config's per-epoch confusion figure (MLflow +
         TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it.
-        ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default."""
+        ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default.
+        ``sender_process``: MLflow writes from a child process (``Tracker.start``); None: as ``run.py``, on a
+        GPU only (when CUDA is available)."""
         self.workdir = Path(workdir) / name
         self.figures = figures
         self.figure_duty = figure_duty
@@ -133,7 +136,10 @@ class Tracking:
             previous = os.getcwd()
             os.chdir(workdir)
             try:
-                self.tracker = Tracker.start("bench", name, {"mltrack.role": "bench"}, spool_dir=self.workdir / "spool")
+                if sender_process is None:
+                    sender_process = torch.cuda.is_available()
+                self.tracker = Tracker.start("bench", name, {"mltrack.role": "bench"}, spool_dir=self.workdir / "spool",
+                                             sender_process=sender_process)
             finally:
                 os.chdir(previous)
 

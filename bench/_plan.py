@@ -23,19 +23,23 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
                     place, reference_loader, shutdown, steps_epoch, time_epochs, time_interleaved, timm_loader)
 
 # The tracking group's variants: None (no hooks) or _mltrack.Tracking's (mlflow, figures, tensorboard,
-# figure_duty). tracked_default is what `mltrack train` does with the default config: checkpoints, MLflow
-# metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and TensorBoard,
-# rendered on the epoch-IO thread under the figures' duty rule (mltrack.figures). The other rows take one part
-# away or change one thing, to show what each costs: tracked_default_every_epoch renders every epoch's figure
-# (no duty rule; the default before it, which also rendered twice per epoch), tracked_default_figure_duty100
-# renders one at most every 100 renders' time (1 % of the wall time); tracked_tensorboard has no
-# figures.
-TRACKING_VARIANTS: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], Optional[float]]]] = {
-    "untracked": None, "checkpoint_only": (False, None, False, None),
-    "tracked": (True, None, False, None), "tracked_tensorboard": (True, None, True, None),
-    "tracked_default": (True, "inline", True, None),
-    "tracked_default_every_epoch": (True, "inline", True, 0.0),
-    "tracked_default_figure_duty100": (True, "inline", True, 100.0)}
+# figure_duty, sender_process). tracked_default is what `mltrack train` does with the default config: checkpoints,
+# MLflow metrics and uploads, TensorBoard scalars and a confusion-matrix figure per epoch for MLflow and
+# TensorBoard, rendered on the epoch-IO thread under the figures' duty rule (mltrack.figures). The other rows take
+# one part away or change one thing, to show what each costs: tracked_default_every_epoch renders every epoch's
+# figure (no duty rule; the default before it, which also rendered twice per epoch),
+# tracked_default_figure_duty100 renders one at most every 100 renders' time (1 % of the wall time);
+# tracked_tensorboard has no figures; *_thread_sender sends to MLflow from a thread of the training process (the
+# default before the sender process; sender_process None = as run.py: a child process when training on a GPU).
+Spec = tuple[bool, Optional[str], Optional[bool], Optional[float], Optional[bool]]
+TRACKING_VARIANTS: dict[str, Optional[Spec]] = {
+    "untracked": None, "checkpoint_only": (False, None, False, None, None),
+    "tracked": (True, None, False, None, None), "tracked_tensorboard": (True, None, True, None, None),
+    "tracked_default": (True, "inline", True, None, None),
+    "tracked_default_every_epoch": (True, "inline", True, 0.0, None),
+    "tracked_default_figure_duty100": (True, "inline", True, 100.0, None),
+    "tracked_thread_sender": (True, None, False, None, False),
+    "tracked_default_thread_sender": (True, "inline", True, None, False)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
@@ -308,7 +312,7 @@ class Plan:
         both.value = None  # frees its cache before the compiled group
 
     def _interleaved(self, both: Lazy, model: torch.nn.Module,
-                     variants: dict[str, Optional[tuple[bool, Optional[str], Optional[bool], Optional[float]]]]
+                     variants: dict[str, Optional[Spec]]
                      ) -> dict[str, Any]:
         """One FitContext, hooks and (tracked) MLflow run per variant, kept for all rounds; the model is shared.
         Returns each variant's row (or its error), the protocol recorded in the row and in ``extra``."""

@@ -305,7 +305,7 @@ def _open_session(cfg: RunConfig, run_dir: Path, device: torch.device, names: li
     tracker = Tracker.start(
         cfg.tracking.experiment_name or cfg.data.dataset_name, run_dir.name, tags,
         resume_run_id=resume.run_id if same_run and resume is not None else None, parent_run_id=parent_run_id,
-        spool_dir=run_dir / "spool",
+        spool_dir=run_dir / "spool", sender_process=device.type == "cuda",
     )
     return Session(cfg, run_dir, tracker, device, names, digest, resume, new_run=not same_run)
 

@@ -29,6 +29,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from mltrack._sender_process import ProcessSender, RemoteSendError
 from mltrack._spool import (Delivery, Op, SpoolFile, check_key, chunks, first_line, group, link_or_copy,
                             quiet_worker_retries)
 from mltrack.errors import CheckpointError, ConfigError, UserError
@@ -64,7 +65,7 @@ class Tracker:
     experiment_id: str
     run_name: str
 
-    def __init__(self, client: MlflowClient, run: Run, spool_dir: Path, uri: str) -> None:
+    def __init__(self, client: MlflowClient, run: Run, spool_dir: Path, uri: str, sender_process: bool = False) -> None:
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.run_name = run.info.run_name or ""
         self.tracking_uri = uri
@@ -75,17 +76,22 @@ class Tracker:
         self._stage_root = spool_dir / f"{self.run_id}.stage"
         self._finished = False
         spool = SpoolFile(spool_file_for(spool_dir, self.run_id), {"run_id": self.run_id, "tracking_uri": uri})
-        self._delivery = Delivery(_Sender(client, self.run_id), _is_permanent, spool, uri)
+        # sender_process: MLflow's client work in a child process (see mltrack._sender_process), off this GIL
+        self._process = ProcessSender(uri, self.run_id) if sender_process else None
+        self._delivery = Delivery(self._process or _Sender(client, self.run_id), _is_permanent, spool, uri)
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str], *, resume_run_id: str | None = None,
-              parent_run_id: str | None = None, spool_dir: Path | None = None) -> "Tracker":
+              parent_run_id: str | None = None, spool_dir: Path | None = None,
+              sender_process: bool = False) -> "Tracker":
         """Create, re-open (``resume_run_id``) or attach to (env ``MLFLOW_RUN_ID``) a run; status RUNNING.
 
         Synchronous (one round of requests). The experiment comes from env ``MLFLOW_EXPERIMENT_ID`` /
         ``MLFLOW_EXPERIMENT_NAME`` before ``experiment`` and is created if missing; an attached or resumed
         run keeps its experiment and name. ``tags`` (+ ``mlflow.parentRunId``) are set in every case.
-        A spool left by an earlier process for this run is replayed first. Raises UserError when the
+        A spool left by an earlier process for this run is replayed first. ``sender_process``: deliver the
+        queued writes from a child process (training on a GPU: MLflow's Python work then never holds the
+        training process's GIL); the default delivers them from a thread. Raises UserError when the
         tracking store cannot be reached, CheckpointError for an unknown ``resume_run_id``.
         """
         _fast_fail_http_defaults()
@@ -111,7 +117,7 @@ class Tracker:
             raise UserError(f"cannot reach the MLflow tracking store at {uri}: {first_line(exc)}. Start the "
                             "server (mlflow server ...) or fix MLFLOW_TRACKING_URI; unset it to use ./mlflow.db"
                             ) from None
-        return cls(client, run, spool_dir, uri)
+        return cls(client, run, spool_dir, uri, sender_process)
 
     # ---------------------------------------------------------------- writes (queued, non-blocking)
 
@@ -237,7 +243,10 @@ class Tracker:
             ops.append({"op": "tags", "tags": {EXIT_REASON_TAG: str(reason)[:MAX_TAG_VAL_LENGTH]}})
         ops.append({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
         self._delivery.put(ops)
-        if self._delivery.close(timeout):
+        delivered = self._delivery.close(timeout)
+        if self._process is not None:
+            self._process.close()
+        if delivered:
             shutil.rmtree(self._stage_root, ignore_errors=True)
             try:
                 self._spool_dir.rmdir()  # only if empty: other runs' spools stay
@@ -618,6 +627,8 @@ def _fast_fail_http_defaults() -> None:
 
 
 def _is_permanent(exc: BaseException) -> bool:
+    if isinstance(exc, RemoteSendError):  # judged in the sender process, where the exception's type is known
+        return exc.permanent
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return True
     return isinstance(exc, MlflowException) and exc.error_code in _PERMANENT_CODES

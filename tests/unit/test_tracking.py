@@ -465,3 +465,64 @@ def test_delivery_drops_only_what_can_never_succeed(tmp_path: Path, caplog: pyte
     assert any("dropping tags operation for good" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError, match="already finished"):
         d.put([{"op": "tags", "tags": {"c": "v"}}])
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_process_sender_delivers_in_order_from_a_child_and_ends_it_at_finish(store: MlflowClient,
+                                                                             tmp_path: Path) -> None:
+    t = Tracker.start("exp", "child", {"mltrack.role": "train"}, sender_process=True)
+    t.log_params({"training.lr": 0.1})
+    ckpt = tmp_path / "last.pt"
+    for epoch in range(3):
+        ckpt.write_text(f"weights of epoch {epoch}")
+        t.log_artifact(ckpt, "weights")
+        t.log_metrics({"val/acc": epoch / 3, "train/loss": float("nan") if epoch == 1 else 1.0}, step=epoch)
+        t.set_tags({"mltrack.committed_step": str(epoch)})
+    assert t.flush(60)
+    child = t._process.pid  # type: ignore[union-attr]
+    assert child is not None and child != os.getpid()
+    t.finish()
+    assert t._process.pid is None  # type: ignore[union-attr]
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    run = store.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"training.lr": "0.1"}
+    assert run.data.tags["mltrack.committed_step"] == "2"
+    assert _steps(store, t.run_id, "val/acc") == [0, 1, 2]
+    assert [m.value != m.value for m in store.get_metric_history(t.run_id, "train/loss")] == [False, True, False]
+    assert download_artifact(f"runs:/{t.run_id}/weights/last.pt", tmp_path / "dl").read_text() == "weights of epoch 2"
+
+
+def test_process_sender_outlives_its_child_and_drops_what_can_never_succeed(
+        store: MlflowClient, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import signal
+
+    t = Tracker.start("exp", "killed", {}, spool_dir=tmp_path / "spool", sender_process=True)
+    t.log_metrics({"val/acc": 0.0}, step=0)
+    assert t.flush(60)
+    first = t._process.pid  # type: ignore[union-attr]
+    with caplog.at_level(logging.WARNING, logger="mltrack.tracking"):
+        os.kill(first, signal.SIGINT)  # a Ctrl-C sent to it: ignored (the trainer ends it)
+        t.log_metrics({"val/acc": 0.1}, step=1)
+        assert t.flush(30) and t._process.pid == first  # type: ignore[union-attr]
+        os.kill(first, signal.SIGKILL)  # out of memory, say: the next send starts a new child
+        assert _wait_for(lambda: t._process._proc.poll() is not None, 10)  # type: ignore[union-attr]
+        t.log_metrics({"val/acc": 0.2}, step=2)
+        # a staged file that vanished: FileNotFoundError in the child, judged permanent there
+        t._delivery.put([{"op": "artifact", "path": str(tmp_path / "gone.pt"), "artifact_path": "weights",
+                          "cleanup": False}])
+        t.log_metrics({"val/acc": 0.3}, step=3)
+        assert t.flush(60)
+    assert t._process.pid not in (None, first)  # type: ignore[union-attr]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("tracking offline" in m for m in messages)  # found dead before a send: replaced at once
+    assert any("dropping artifact upload" in m and "FileNotFoundError" in m for m in messages)
+    t.finish()
+    assert _steps(store, t.run_id, "val/acc") == [0, 1, 2, 3]  # each step once
+    assert store.get_run(t.run_id).info.status == "FINISHED"
