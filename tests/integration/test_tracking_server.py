@@ -135,10 +135,12 @@ def _assert_complete(uri: str, run_id: str, epochs: int, tmp_path: Path) -> None
     assert Path(got).read_text() == f"weights of epoch {epochs - 1}"
 
 
+@pytest.mark.parametrize("sender_process", [False, True], ids=["thread", "child_process"])
 def test_outage_then_restart_replays_everything_once(server: Callable[..., Server], tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+                                                     caplog: pytest.LogCaptureFixture, sender_process: bool) -> None:
     srv = server()
-    tracker = Tracker.start("outage", "r", {"mltrack.role": "train"}, spool_dir=tmp_path / "spool")
+    tracker = Tracker.start("outage", "r", {"mltrack.role": "train"}, spool_dir=tmp_path / "spool",
+                            sender_process=sender_process)
     tracker.log_params({"training.batch_size": 8})
     ckpt = tmp_path / "last.pt"
     _epoch(tracker, ckpt, 0)
