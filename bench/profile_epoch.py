@@ -1,12 +1,14 @@
 """Where the time of a small epoch goes: a hymenoptera-size epoch (244 train + 153 val images, batch 32,
 resnet18, bf16 + channels_last, GPU cache) through mltrack's ``run_epoch``, timed per phase and profiled.
 
-    python bench/profile_epoch.py [--epochs 30] [--device cuda] [--compile] [--tracked] [--switch-interval S]
+    python bench/profile_epoch.py [--epochs 30] [--device cuda] [--compile] [--tracked | --checkpoint]
+                                  [--switch-interval S]
 
 Prints the wall time per phase (train pass, validation pass, the rest of ``run_epoch``), the time the host
 spends waiting for the GPU (``torch.cuda.synchronize`` right after each phase: what is left queued), and
 the top functions of a cProfile of the measured epochs (the training thread only). ``--tracked`` adds the
-checkpoint and MLflow hooks (epoch IO on its worker thread, as ``mltrack train``); ``--switch-interval``
+checkpoint and MLflow hooks (epoch IO on its worker thread, as ``mltrack train``), ``--checkpoint`` the checkpoint
+hook alone; ``--switch-interval``
 sets ``sys.setswitchinterval`` (how long a thread waits for the GIL before asking its holder to let go).
 ``--tiny`` runs a CPU smoke version.
 """
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as training.compile)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (as training.compile_mode)")
     p.add_argument("--tracked", action="store_true", help="checkpoint + MLflow hooks after every epoch")
+    p.add_argument("--checkpoint", action="store_true", help="checkpoint hook only (no MLflow)")
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
@@ -55,7 +58,8 @@ def main() -> None:
 
     from mltrack.trainers import loop
 
-    tracking = Tracking(root / "work", "profile", mlflow=True) if args.tracked else None
+    tracking = (Tracking(root / "work", "profile", mlflow=args.tracked) if args.tracked or args.checkpoint
+                else None)
     hooks = tracking.hooks(fit) if tracking else []
 
     def epoch() -> None:
@@ -108,7 +112,8 @@ def main() -> None:
     loop.train_epoch, loop.evaluate = originals
     phases["rest"] -= sum(v for k, v in phases.items() if k != "rest")
     print(f"device {device} | torch {torch.__version__} | compile {args.compile} ({args.compile_mode}) | {args.epochs} epochs "
-          f"of {n_train} + {n_val} images, batch {batch} | tracked {args.tracked} | switch interval "
+          f"of {n_train} + {n_val} images, batch {batch} | tracked {args.tracked} | checkpoint "
+          f"{args.tracked or args.checkpoint} | switch interval "
           f"{sys.getswitchinterval()} s")
     print(f"epoch {1000 * total / args.epochs:.1f} ms (with cProfile on; it adds Python overhead)")
     for name, seconds in phases.items():

@@ -134,13 +134,11 @@ class ProcessSender:
 
 def serve(requests: IO[str], replies: IO[str], uri: str, run_id: str) -> None:
     """The child's loop: answer each request line with ``null``, or ``{"error", "permanent"}`` for a failure."""
-    from mlflow.tracking import MlflowClient
-
     from mltrack._spool import first_line, quiet_worker_retries
-    from mltrack.tracking import _is_permanent, _Sender
+    from mltrack.tracking import _is_permanent, sender_for
 
     quiet_worker_retries()
-    send = _Sender(MlflowClient(tracking_uri=uri), run_id)
+    send = sender_for(uri, run_id)
     replies.write(json.dumps(_READY) + "\n")
     replies.flush()
     for line in requests:

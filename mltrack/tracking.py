@@ -498,6 +498,11 @@ def register_model(run_id: str, name: str, alias: str, artifact_path: str = "mod
 # ---------------------------------------------------------------- helpers
 
 
+def sender_for(uri: str, run_id: str) -> "_Sender":
+    """The ``send`` of a run's queued operations at ``uri`` (mltrack._sender_process runs it in its child)."""
+    return _Sender(MlflowClient(tracking_uri=uri), run_id)
+
+
 class _Sender:
     """Turns one batch of queued ops into MlflowClient calls for one run (worker and replay_spool)."""
 
