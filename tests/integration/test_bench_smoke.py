@@ -2,7 +2,8 @@
 with a reason, the table and targets print, and bench.json holds what was printed. Also: the interleaved
 timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
 hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size; and
-bench/probe_save_gil.py, bench/probe_epoch_end.py and bench/probe_log_batch.py in their quick modes."""
+bench/probe_save_gil.py, bench/probe_epoch_end.py, bench/probe_log_batch.py and bench/probe_sender.py in their
+quick modes."""
 from __future__ import annotations
 
 import json
@@ -220,3 +221,14 @@ def test_log_batch_probe_delivers_both_ways_to_a_real_store() -> None:
     rows = [line for line in proc.stdout.splitlines() if "ms to deliver" in line]
     assert [row.split("  ")[1].strip() for row in rows] == ["one log_batch per epoch", "mltrack (_spool.group)"]
     assert "x wall" in proc.stdout and "x CPU" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_sender_probe_delivers_every_epoch_from_a_thread_and_from_a_child() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_sender.py"), "--seconds", "0.5", "--epoch-ms",
+                           "50", "--rounds", "1"], env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {line.split("  ")[2].strip(): line for line in proc.stdout.splitlines() if "x alone" in line}
+    assert list(rows) == ["no tracker", "sender thread", "sender process"]
+    for way in ("sender thread", "sender process"):
+        assert " 0 epochs" not in rows[way] and "ms CPU per epoch" in rows[way], rows[way]
