@@ -44,6 +44,8 @@ EOF
   machine_load end
   # ~15 s: does a checkpoint write on another thread slow a thread that launches kernels (the GIL)?
   timeout -k 5 45 python3 bench/probe_save_gil.py --seconds 1.5 || echo "run_gpu.sh: probe_save_gil failed"
+  # ~20 s: does MLflow delivery (one epoch's metrics every 40 ms) slow it, from a thread vs a child process?
+  timeout -k 5 60 python3 bench/probe_sender.py --seconds 2 || echo "run_gpu.sh: probe_sender failed"
   echo "run_gpu.sh: bench_pipeline exit status $status"
   echo "$status" > "$OUT/exit_status"
 } 2>&1 | tee "$OUT/bench.log"
