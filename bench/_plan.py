@@ -28,7 +28,7 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
 # TensorBoard, rendered on the epoch-IO thread under the figures' duty rule (mltrack.figures). The other rows take
 # one part away or change one thing, to show what each costs: tracked_default_every_epoch renders every epoch's
 # figure (no duty rule; the default before it, which also rendered twice per epoch),
-# tracked_default_figure_duty100 renders one at most every 100 renders' time (1 % of the wall time);
+# tracked_default_figure_duty10 renders one at most every 10 renders' time (the default before it was 100);
 # tracked_tensorboard has no figures; *_thread_sender sends to MLflow from a thread of the training process (the
 # default before the sender process; sender_process None = as run.py: a child process when training on a GPU).
 Spec = tuple[bool, Optional[str], Optional[bool], Optional[float], Optional[bool]]
@@ -37,7 +37,7 @@ TRACKING_VARIANTS: dict[str, Optional[Spec]] = {
     "tracked": (True, None, False, None, None), "tracked_tensorboard": (True, None, True, None, None),
     "tracked_default": (True, "inline", True, None, None),
     "tracked_default_every_epoch": (True, "inline", True, 0.0, None),
-    "tracked_default_figure_duty100": (True, "inline", True, 100.0, None),
+    "tracked_default_figure_duty10": (True, "inline", True, 10.0, None),
     "tracked_thread_sender": (True, None, False, None, False),
     "tracked_default_thread_sender": (True, "inline", True, None, False)}
 

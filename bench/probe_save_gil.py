@@ -1,4 +1,4 @@
-"""Does a checkpoint write on the epoch-IO thread slow the training thread through the GIL?
+"""Does a checkpoint write (or a figure) on the epoch-IO thread slow the training thread through the GIL?
 
 The training thread is stood in for by a loop of small torch ops (CUDA launches when a GPU is there, as the
 training loop's are; CPU ops otherwise), which take the GIL back after each op. A second thread writes a state
@@ -22,6 +22,8 @@ on a GPU machine, with the tracking group of ``bench_pipeline.py``. The "no crc3
 Python's ``zipfile``, would refuse a shared checkpoint without them; the sha256 manifest is mltrack's check).
 The last two rows hash the written file (no write; "one write" is one hash): ``hashlib.file_digest`` reads
 256 KB at a time and slowed the loop to ~0.70x there; ``checkpoint.sha256_file`` reads 8 MB at a time.
+The "figure" rows draw the per-epoch confusion figure back to back (``mltrack.figures.render_png``; "one
+write" is one render): the share of the loop they take is what ``EpochFigures.DUTY`` divides.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from mltrack import checkpoint  # noqa: E402
+from mltrack.figures import render_png  # noqa: E402
 
 
 def flat_state(mb: float, tensors: int) -> tuple[dict[str, dict[str, torch.Tensor]], list[torch.Tensor]]:
@@ -94,7 +97,14 @@ def writers(state: dict[str, dict[str, torch.Tensor]], flats: list[torch.Tensor]
         "plain file write": raw_write,
         "hashlib.file_digest": file_digest,  # hashing the written file: Python's helper, 256 KB reads
         "mltrack sha256_file": sha256_file,  # 8 MB reads, as checkpoint.save hashes
+        # the per-epoch confusion figure (mltrack.figures.render_png), drawn back to back; "one write" = one render
+        "figure, 2 classes": lambda: render_png(*_matrix(2), "val, epoch 3"),
+        "figure, 10 classes": lambda: render_png(*_matrix(10), "val, epoch 3"),
     }
+
+
+def _matrix(k: int) -> tuple[list[list[int]], list[str]]:
+    return [[(i * 7 + j * 3) % 50 for j in range(k)] for i in range(k)], [f"class_{i}" for i in range(k)]
 
 
 def loop(seconds: float, device: torch.device) -> tuple[float, float, float]:

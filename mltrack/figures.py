@@ -112,12 +112,15 @@ class EpochFigures:
     figures on the epoch-IO worker; ``close`` says how many figures were skipped (once).
 
     Duty rule: an epoch's figure is skipped while less than ``DUTY`` x the last render's duration has passed
-    since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time (with epochs
-    longer than 10 renders - the usual case - every epoch gets its figure; 0.05 s epochs and 20 ms renders
-    get one every ~4 epochs). ``finish`` renders the last epoch's figure if it was skipped.
+    since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time. A render
+    holds the GIL most of its time (drawing back to back cut a thread launching small ops to 0.37-0.40x on the
+    2-core CPU machine, ``bench/probe_save_gil.py``), so 1/DUTY is what it may take from a launch-bound training
+    thread: 1/100, inside the 1 % that tracking may cost (issue 9). With epochs longer than 100 renders
+    (0.2-2 s: the usual case, and the digits demo's 5 s epochs) every epoch gets its figure; 0.05 s epochs and
+    5 ms renders get one every ~10 epochs. ``finish`` renders the last epoch's figure if it was skipped.
     """
 
-    DUTY = 10.0
+    DUTY = 100.0
 
     def __init__(self, sinks: list[Sink]) -> None:
         self.sinks = sinks

@@ -57,7 +57,7 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     tracked = rows[("tracking", "tracked")]
     assert tracked.get("img_per_s", 0) > 0 and tracked["queue_drain_s"] >= 0  # mlflow is installed here
     variants = ["untracked", "checkpoint_only", "tracked", "tracked_tensorboard", "tracked_default",
-                "tracked_default_every_epoch", "tracked_default_figure_duty100", "tracked_thread_sender",
+                "tracked_default_every_epoch", "tracked_default_figure_duty10", "tracked_thread_sender",
                 "tracked_default_thread_sender"]
     for name in variants:  # one interleaved round of one epoch each (--tiny)
         row = rows[("tracking", name)]
@@ -94,7 +94,8 @@ def test_save_gil_probe_runs_and_prints_every_way(tmp_path: Path) -> None:
     lines = [line for line in proc.stdout.splitlines() if "x alone" in line]
     assert [line.split("loop")[0].strip() for line in lines] == [
         "nothing", "mltrack checkpoint.save", "torch.save to open file", "the same, no crc32", "torch.save to a path",
-        "torch.save to BytesIO", "plain file write", "hashlib.file_digest", "mltrack sha256_file"]
+        "torch.save to BytesIO", "plain file write", "hashlib.file_digest", "mltrack sha256_file",
+        "figure, 2 classes", "figure, 10 classes"]
     assert "1.00x alone" in lines[0]
     assert all("one write" in line and "ms" in line for line in lines)
     assert list(tmp_path.iterdir()) == []  # the temp dir and its file are gone

@@ -357,7 +357,7 @@ def test_real_training_queues_each_checkpoint_before_its_metrics_and_commit(
         assert checkpoint.sha256_file(remote) == checkpoint.sha256_file(weights / name)
     assert checkpoint.load(weights / "last.pt")["progress"]["epoch"] == 3
     epochs = {Path(f.path).name for f in client.list_artifacts(result.run_id, "plots/epochs")}
-    # Rendered on the worker too: the first epoch's and the last one's at least (epochs shorter than ten
+    # Rendered on the worker too: the first epoch's and the last one's at least (epochs shorter than 100
     # renders are thinned out, mltrack.figures)
     assert {"confusion_matrix_val_0000.png", "confusion_matrix_val_0002.png"} <= epochs
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -65,9 +65,9 @@ def test_the_duty_rule_thins_out_short_epochs_and_keeps_the_last(caplog: pytest.
     figures = EpochFigures([lambda s, png: delivered.append(s)])
     try:
         figures.offer(0, _matrix(0), NAMES)
-        figures.deliver()  # the first render sets the pace: 10 x its ~20 ms or more
+        figures.deliver()  # the first render sets the pace: DUTY (100) x its few milliseconds
         assert figures.render_s > 0
-        for step in range(1, 6):  # epochs of a few milliseconds: inside 10 renders of the last one
+        for step in range(1, 6):  # epochs of a few milliseconds: inside 100 renders of the last one
             figures.offer(step, _matrix(step), NAMES)
             figures.deliver()
         figures.finish()  # the fit ends: the last epoch gets its figure
