@@ -17,8 +17,9 @@ stdin closes: at :meth:`ProcessSender.close`, or when the trainer dies.
 
 Failures keep ``Delivery``'s contract: an error raised by the child's ``_Sender`` comes back as
 :class:`RemoteSendError` with the child's verdict on whether a retry could ever succeed; a child that died
-or could not start is a retryable ``ConnectionError``, so ``Delivery`` spools and retries, and the next call
-starts a new child.
+is a retryable ``ConnectionError``, so ``Delivery`` spools and retries, and the next call starts a new child.
+A child that cannot start at all (an environment where ``python -m mltrack._sender_process`` fails) must not
+leave the run without its metrics: the sender says so once and sends from this process from then on.
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ import select
 import signal
 import subprocess
 import sys
+import logging
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 Op = dict[str, Any]
+log = logging.getLogger("mltrack.tracking")
 
 START_TIMEOUT_S = 120.0  # importing mlflow: seconds, more on a busy host
 _READY = "ready"
@@ -50,10 +53,13 @@ class ProcessSender:
     """``send(batch, replay)`` for ``Delivery``, executed by ``_Sender(MlflowClient(uri), run_id)`` in a child.
 
     One caller at a time (``Delivery``'s worker thread, then :meth:`close`). The child starts on the first
-    call, so a tracker that is opened and finished without writes never starts one."""
+    call, so a tracker that is opened and finished without writes never starts one. ``fallback``: the same
+    ``send`` in this process, used from the first child that fails to start on."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, fallback: Callable[[list[Op], bool], None]) -> None:
         self.uri, self.run_id = uri, run_id
+        self._fallback = fallback
+        self.in_process = False  # a child could not be started: every batch goes through ``fallback``
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
 
@@ -64,7 +70,10 @@ class ProcessSender:
 
     def __call__(self, batch: list[Op], replay: bool) -> None:
         with self._lock:
-            proc = self._running()
+            proc = None if self.in_process else self._running()
+            if proc is None:
+                self._fallback(batch, replay)
+                return
             assert proc.stdin is not None and proc.stdout is not None
             try:
                 proc.stdin.write(json.dumps({"batch": batch, "replay": replay}) + "\n")
@@ -94,7 +103,8 @@ class ProcessSender:
         if proc is not None:
             proc.kill()  # the waiting call reads the end of the output, and stops what is left
 
-    def _running(self) -> subprocess.Popen[str]:
+    def _running(self) -> subprocess.Popen[str] | None:
+        """The child, started if need be; None (and ``in_process`` from now on) if it cannot start."""
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self._stop()
@@ -110,8 +120,10 @@ class ProcessSender:
         if line.strip() != json.dumps(_READY):
             proc.kill()
             proc.wait()
-            raise ConnectionError("tracking sender process did not start" +
-                                  (f" within {START_TIMEOUT_S:g} s" if not ready else " (see its error above)"))
+            self.in_process = True
+            log.warning("tracking: the sender process did not start (%s); sending to MLflow from this process",
+                        f"no answer within {START_TIMEOUT_S:g} s" if not ready else "see its error above")
+            return None
         self._proc = proc
         return proc
 

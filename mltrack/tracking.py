@@ -77,8 +77,9 @@ class Tracker:
         self._finished = False
         spool = SpoolFile(spool_file_for(spool_dir, self.run_id), {"run_id": self.run_id, "tracking_uri": uri})
         # sender_process: MLflow's client work in a child process (see mltrack._sender_process), off this GIL
-        self._process = ProcessSender(uri, self.run_id) if sender_process else None
-        self._delivery = Delivery(self._process or _Sender(client, self.run_id), _is_permanent, spool, uri)
+        sender = _Sender(client, self.run_id)
+        self._process = ProcessSender(uri, self.run_id, fallback=sender) if sender_process else None
+        self._delivery = Delivery(self._process if self._process is not None else sender, _is_permanent, spool, uri)
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str], *, resume_run_id: str | None = None,

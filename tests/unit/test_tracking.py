@@ -526,3 +526,21 @@ def test_process_sender_outlives_its_child_and_drops_what_can_never_succeed(
     t.finish()
     assert _steps(store, t.run_id, "val/acc") == [0, 1, 2, 3]  # each step once
     assert store.get_run(t.run_id).info.status == "FINISHED"
+
+
+def test_process_sender_that_cannot_start_sends_from_this_process(store: MlflowClient, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    t = Tracker.start("exp", "nochild", {}, sender_process=True)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits at once, saying nothing
+    with caplog.at_level(logging.WARNING, logger="mltrack.tracking"):
+        for step in range(2):
+            t.log_metrics({"val/acc": step / 2}, step=step)
+        assert t.flush(30)
+    assert t._process.in_process and t._process.pid is None  # type: ignore[union-attr]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("sender process did not start" in m for m in messages) == 1
+    assert not any("tracking offline" in m for m in messages)
+    t.finish()
+    assert _steps(store, t.run_id, "val/acc") == [0, 1] and store.get_run(t.run_id).info.status == "FINISHED"
