@@ -41,8 +41,8 @@ _HASH_CHUNK = 8 << 20
 
 def sha256_file(path: Path) -> str:
     # Big chunks, not hashlib.file_digest: that reads 256 KB at a time, each read and update taking the GIL
-    # back, so hashing a checkpoint on the epoch-IO thread slowed a thread launching small ops to 0.70x; with
-    # 8 MB chunks 0.94-1.01x, and the hash itself was faster (70 against 83 ms for 90 MB; 2-core CPU machine,
+    # back, so hashing a checkpoint on the epoch-IO thread slowed a thread launching small ops to 0.70-0.83x;
+    # with 8 MB chunks 0.94-1.02x, and the hash itself was faster (69 against 81-84 ms for 90 MB; 2-core CPU machine,
     # bench/results_probe_save_gil_cpu2.txt). Both the read and the update release the GIL for their span.
     digest, buf = hashlib.sha256(), bytearray(_HASH_CHUNK)
     view = memoryview(buf)

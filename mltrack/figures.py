@@ -113,7 +113,7 @@ class EpochFigures:
 
     Duty rule: an epoch's figure is skipped while less than ``DUTY`` x the last render's duration has passed
     since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time. A render
-    holds the GIL most of its time (drawing back to back cut a thread launching small ops to 0.37-0.40x on the
+    holds the GIL most of its time (drawing back to back cut a thread launching small ops to 0.33-0.47x on the
     2-core CPU machine, ``bench/probe_save_gil.py``), so 1/DUTY is what it may take from a launch-bound training
     thread: 1/100, inside the 1 % that tracking may cost (issue 9). With epochs longer than 100 renders
     (0.2-2 s: the usual case, and the digits demo's 5 s epochs) every epoch gets its figure; 0.05 s epochs and
