@@ -182,7 +182,8 @@ class Tracking:
             cpu_s, self.cpu_mark = time.process_time() - self.cpu_mark, None
         t0 = time.perf_counter()
         self.io.drain()
-        out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued}
+        out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued,
+               "checkpoints_superseded": self.checkpoints.superseded}
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"

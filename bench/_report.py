@@ -89,6 +89,8 @@ def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
                                                                          ("queue_drain_s", "upload queue drain after")) if key in row)
         if "checkpoints_queued" in row:
             extra += f"  checkpoints queued {row['checkpoints_queued']}"
+            if row.get("checkpoints_superseded"):
+                extra += f" (+{row['checkpoints_superseded']} superseded in the queue)"
         if "figures" in row:
             extra += f"  figures {row['figures']}"
         if row.get("hooks_ms"):
@@ -120,6 +122,8 @@ def _tracking(R: Any) -> None:
         drains = (f"{row['io_drain_s']:.3f} / {row.get('queue_drain_s', '-')} s" if "io_drain_s" in row else "-")
         if "checkpoints_queued" in row:
             drains += f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up epochs"
+            if row.get("checkpoints_superseded"):
+                drains += f" (+{row['checkpoints_superseded']} superseded in the queue)"
         if "figures" in row:
             drains += f"; figures {row['figures']}"
         if "process_cpus" in row:

@@ -67,6 +67,16 @@ def checkpoint_state(ctx: FitContext, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _EpochCheckpoint:
+    """One checkpoint job's payload. While the job waits behind the running one (``started`` False), a newer
+    improving epoch may take its place (``CheckpointHook`` docstring); the worker reads it when it starts."""
+
+    __slots__ = ("snap", "improved", "epoch", "started")
+
+    def __init__(self, snap: Snapshot, improved: bool, epoch: int) -> None:
+        self.snap, self.improved, self.epoch, self.started = snap, improved, epoch, False
+
+
 class CheckpointHook(Hook):
     """Writes ``weights/last.pt`` every epoch and ``best.pt`` on improvement, then queues their upload.
 
@@ -88,7 +98,12 @@ class CheckpointHook(Hook):
     not wait for the disk: when the worker already has a checkpoint queued behind the one it writes, an
     epoch that did not improve is *deferred* (not written; the next written checkpoint supersedes it).
     An improving epoch is always written (``best.pt`` must hold its weights), and so is the last one
-    (``on_fit_end``) and the state at a stop (``on_interrupt``). ``deferred`` tells the tracking hook to
+    (``on_fit_end``) and the state at a stop (``on_interrupt``). When both IO slots are taken and the second
+    one is a checkpoint job that has not started, an improving epoch *supersedes* it: that job writes the
+    newer state instead (its ``best.pt`` then holds the better weights), so a run of improving epochs
+    shorter than a write never waits for the disk; before, each such epoch waited for a slot (tens to
+    hundreds of milliseconds on the training thread). The superseded epoch's metrics, queued behind that
+    job, still go out after a checkpoint at or after their step (RELIABILITY rule 4). ``deferred`` tells the tracking hook to
     hold the epoch's metrics back until a checkpoint at or after it is queued (RELIABILITY rule 4).
     A non-improving epoch is also deferred while less than ``DUTY`` x the last write's duration has passed
     since the last checkpoint was queued: the writer then runs at most ~1/DUTY of the time, so its Python
@@ -98,7 +113,8 @@ class CheckpointHook(Hook):
     tracking is 1 %, hence 1/10. What a crash can lose stays small: at most ~DUTY x one write (~3 s there).
     With epochs longer than that (the usual case), writes shorter than ``DUTY_MIN_WRITE_S`` (small models)
     and under synchronous IO (fault injection, ``MLTRACK_SYNC_EPOCH_IO``) every epoch is written.
-    ``queued`` counts the checkpoints queued (for benchmarks and tests).
+    ``queued`` counts the checkpoints queued and ``superseded`` the queued ones a newer epoch replaced
+    (for benchmarks and tests).
     """
 
     DUTY = 10.0
@@ -114,6 +130,9 @@ class CheckpointHook(Hook):
         self.stored: dict[str, str] = {}  # file name -> digest the artifact store holds (or is about to)
         self.deferred = False  # the latest finished epoch's checkpoint was not written (see the class docstring)
         self.queued = 0
+        self.superseded = 0
+        self._waiting: _EpochCheckpoint | None = None  # the last job queued, until the worker starts it
+        self._lock = threading.Lock()  # guards _waiting and its ``started`` between the two threads
         self.write_s = 0.0  # duration of the last checkpoint job (worker thread)
         self.queued_at = -math.inf  # when the last checkpoint was queued (training thread)
 
@@ -134,8 +153,9 @@ class CheckpointHook(Hook):
         recent = (not self.io.inline and self.write_s >= self.DUTY_MIN_WRITE_S
                   and time.monotonic() - self.queued_at < self.DUTY * self.write_s)
         self.deferred = not improved and (recent or not self.io.slot_free())
-        if not self.deferred:
-            self._submit(ctx, improved)
+        if self.deferred or (improved and not self.io.slot_free() and self._supersede(ctx)):
+            return
+        self._submit(ctx, improved)
 
     def on_fit_end(self, ctx: FitContext) -> None:
         if ctx.trainer.is_main_process and self.deferred:  # the final state is always written
@@ -144,14 +164,37 @@ class CheckpointHook(Hook):
 
     def _submit(self, ctx: FitContext, improved: bool) -> None:
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
+        job = _EpochCheckpoint(self._snapshot(ctx), improved, ctx.state.epoch - 1)
+        with self._lock:
+            self._waiting = job
+        self.queued += 1
+        self.io.submit(self._epoch_job, job, bounded=True)
+
+    def _supersede(self, ctx: FitContext) -> bool:
+        """Put this (improving) epoch's state into the queued job that has not started; False if there is none."""
+        with self._lock:  # the worker cannot start the job meanwhile
+            job = self._waiting
+            if job is None or job.started:
+                return False
+            job.snap = None  # type: ignore[assignment]  # its host copy goes first: still two states at most
+            job.snap = self._snapshot(ctx)
+            job.improved, job.epoch = True, ctx.state.epoch - 1
+        self.superseded += 1
+        return True
+
+    def _snapshot(self, ctx: FitContext) -> Snapshot:
         # Inline IO (fault injection, MLTRACK_SYNC_EPOCH_IO) keeps the copy synchronous: the state is complete
         # where the epoch ends, as crash points and debugging expect.
         snap = start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
         self.queued_at = time.monotonic()
-        self.queued += 1
-        self.io.submit(self._epoch_job, snap, improved, ctx.state.epoch - 1, bounded=True)
+        return snap
 
-    def _epoch_job(self, snap: Snapshot, improved: bool, epoch: int) -> None:
+    def _epoch_job(self, job: _EpochCheckpoint) -> None:
+        with self._lock:  # from here on the job is this worker's: no newer epoch replaces it
+            job.started = True
+            if self._waiting is job:
+                self._waiting = None
+        snap, improved, epoch = job.snap, job.improved, job.epoch
         start = time.monotonic()
         state = snap.wait()  # outside _checkpoint_errors: a CUDA error surfacing here is not the disk's
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):

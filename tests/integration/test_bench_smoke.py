@@ -2,8 +2,8 @@
 with a reason, the table and targets print, and bench.json holds what was printed. Also: the interleaved
 timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
 hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size; and
-bench/probe_save_gil.py, bench/probe_epoch_end.py, bench/probe_log_batch.py and bench/probe_sender.py in their
-quick modes."""
+bench/probe_save_gil.py, bench/probe_epoch_end.py, bench/probe_log_batch.py, bench/probe_sender.py and
+bench/probe_improving_epochs.py in their quick modes."""
 from __future__ import annotations
 
 import json
@@ -233,3 +233,13 @@ def test_sender_probe_delivers_every_epoch_from_a_thread_and_from_a_child() -> N
     assert list(rows) == ["no tracker", "sender thread", "sender process"]
     for way in ("sender thread", "sender process"):
         assert " 0 epochs" not in rows[way] and "ms CPU per epoch" in rows[way], rows[way]
+
+
+@pytest.mark.timeout(120)
+def test_improving_epochs_probe_runs_both_ways() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_improving_epochs.py"), "--epochs", "4",
+                           "--epoch-ms", "5"], env=_env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.strip() for line in proc.stdout.splitlines() if "checkpoints written" in line]
+    assert [row.split(":")[0] for row in rows] == ["waiting for a slot", "superseding"]
+    assert "0 superseded in the queue" in rows[0]

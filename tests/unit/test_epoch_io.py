@@ -416,6 +416,55 @@ def test_epochs_faster_than_the_disk_defer_checkpoints_and_hold_their_metrics(io
     assert checkpoint.load(tmp_path / "weights" / "last.pt")["progress"]["epoch"] == 4
 
 
+def test_improving_epochs_faster_than_the_disk_supersede_the_queued_checkpoint(
+        io: EpochIO, tmp_path: Path, tracker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of improving epochs while the first write is stuck: the second is queued, the later ones take
+    its place instead of waiting for a slot; the queued job writes the newest (best) state, and every
+    step's metrics still go out once, after a checkpoint at or after it. Epoch k here = metric step k."""
+    import mltrack.hooks as hooks_module
+
+    gate, real_save = threading.Event(), checkpoint.save
+
+    def stuck_first_save(state: dict[str, Any], path: Path) -> str:
+        if state["progress"]["epoch"] == 1:
+            assert gate.wait(10)
+        return real_save(state, path)
+
+    monkeypatch.setattr(hooks_module.checkpoint, "save", stuck_first_save)
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    ckpt = CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io)
+    hooks = [ckpt, TrackingHook(tracker, io=io, checkpoints=ckpt)]
+    for step in range(4):
+        ctx.state.epoch, ctx.last = step + 1, EpochOutput({"train/loss": float(step)}, torch.zeros(2, 2),
+                                                          torch.zeros(2, 2), improved=True)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float(step))  # each epoch's weights tell which epoch they are
+        start = time.monotonic()
+        for hook in hooks:
+            hook.on_epoch_end(ctx)
+        assert time.monotonic() - start < 1.0  # no improving epoch waits for the stuck write
+        if step == 0:
+            _wait_until(lambda: ckpt._waiting is None)  # the worker took the first job
+        assert not ckpt.deferred
+    assert ckpt.queued == 2 and ckpt.superseded == 2  # steps 2 and 3 took step 1's place in turn
+    gate.set()
+    io.drain()
+    for hook in hooks:
+        hook.on_fit_end(ctx)
+    io.drain()
+    kinds = [e[:2] for e in tracker.events if e[0] != "log_artifact" or e[1][0] == "last.pt"]
+    assert [e[1][1] for e in kinds if e[0] == "log_artifact"] == [0, 3]  # step 0's write, then step 3's
+    for step in range(4):
+        metrics = kinds.index(("log_metrics", step))
+        assert any(e[0] == "log_artifact" and e[1][1] >= step for e in kinds[:metrics]), kinds
+        assert kinds.count(("log_metrics", step)) == 1
+    assert kinds[-1] == ("set_tags", "3")
+    best = checkpoint.load(tmp_path / "weights" / "best.pt")
+    assert best["progress"]["epoch"] == 4 and float(next(iter(best["model"].values())).flatten()[0]) == 3.0
+    assert checkpoint.load(tmp_path / "weights" / "last.pt")["progress"]["epoch"] == 4
+
+
 def test_a_slow_writer_runs_at_most_a_tenth_of_the_time(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
     """After a 0.3 s write, non-improving epochs within DUTY (10) x 0.3 s of the last queued checkpoint are
     deferred even with the worker idle; an improving one is written; later epochs are written again."""
