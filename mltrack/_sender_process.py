@@ -125,6 +125,7 @@ class ProcessSender:
                         f"no answer within {START_TIMEOUT_S:g} s" if not ready else "see its error above")
             return None
         self._proc = proc
+        log.info("tracking: MLflow writes go through sender process %d", proc.pid)
         return proc
 
     def _stop(self, timeout: float = 1.0) -> None:

@@ -1,6 +1,7 @@
 """Issue 9, epoch side effects on a background thread, through the real CLI and a real sqlite store:
-the background mode trains bit-identically to the synchronous one (``MLTRACK_SYNC_EPOCH_IO=1``) and ends
-with the same verified weights, and a checkpoint that cannot be written (a file-size limit, as on a full
+the background mode (with MLflow writes from the sender process, ``MLTRACK_SENDER_PROCESS=1``) trains
+bit-identically to the synchronous one (``MLTRACK_SYNC_EPOCH_IO=1``) and ends with the same verified
+weights and a complete run, and a checkpoint that cannot be written (a file-size limit, as on a full
 disk) ends the run FAILED with one message and no traceback."""
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _limited_file_size() -> None:
 def test_background_epoch_io_matches_sync_and_a_write_error_fails_the_run(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     root = Session.setup(tmp_path_factory)
-    background = start_train(root, "epoch_io_async", epochs=EPOCHS)
+    # the background run also delivers to MLflow from the child process, as on a GPU
+    background = start_train(root, "epoch_io_async", epochs=EPOCHS, MLTRACK_SENDER_PROCESS="1")
     sync = start_train(root, "epoch_io_sync", epochs=EPOCHS, MLTRACK_SYNC_EPOCH_IO="1")
     workdir = root / "epoch_io_full_disk"
     workdir.mkdir()
@@ -67,3 +69,5 @@ def test_background_epoch_io_matches_sync_and_a_write_error_fails_the_run(
     assert {"best.pt", "prev.pt", "last.pt", "last.pt.sha256"} <= artifact_names(async_store, async_run.info.run_id,
                                                                                  "weights")
     assert "Traceback" not in async_cli.output()
+    log = (Path(async_run.data.tags["mltrack.run_dir"]) / "logs" / "train.log").read_text()
+    assert "MLflow writes go through sender process" in log  # the child delivered this run
