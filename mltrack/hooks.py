@@ -103,8 +103,8 @@ class CheckpointHook(Hook):
     newer state instead (its ``best.pt`` then holds the better weights), so a run of improving epochs
     shorter than a write never waits for the disk; before, each such epoch waited for a slot (tens to
     hundreds of milliseconds on the training thread). The superseded epoch's metrics, queued behind that
-    job, still go out after a checkpoint at or after their step (RELIABILITY rule 4). ``deferred`` tells the tracking hook to
-    hold the epoch's metrics back until a checkpoint at or after it is queued (RELIABILITY rule 4).
+    job, still go out after a checkpoint at or after their step (RELIABILITY rule 4). ``deferred`` tells the
+    tracking hook to hold the epoch's metrics back until a checkpoint at or after it is queued (same rule).
     A non-improving epoch is also deferred while less than ``DUTY`` x the last write's duration has passed
     since the last checkpoint was queued: the writer then runs at most ~1/DUTY of the time, so its Python
     work (pickling, the tracker's inserts) competes with the training thread for the GIL only that much.
@@ -195,6 +195,8 @@ class CheckpointHook(Hook):
             if self._waiting is job:
                 self._waiting = None
         snap, improved, epoch = job.snap, job.improved, job.epoch
+        if snap is None:  # the superseding copy failed on the training thread, which raised it: the run ends
+            return
         start = time.monotonic()
         state = snap.wait()  # outside _checkpoint_errors: a CUDA error surfacing here is not the disk's
         with _checkpoint_errors(f"epoch {epoch}", self.weights_dir):
