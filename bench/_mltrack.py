@@ -116,7 +116,7 @@ class Tracking:
         TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it.
         ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default.
         ``sender_process``: MLflow writes from a child process (``Tracker.start``); None: as ``run.py``, on a
-        GPU only (when CUDA is available)."""
+        GPU only (when CUDA is available) unless env ``MLTRACK_SENDER_PROCESS`` says otherwise."""
         self.workdir = Path(workdir) / name
         self.figures = figures
         self.figure_duty = figure_duty
@@ -136,8 +136,10 @@ class Tracking:
             previous = os.getcwd()
             os.chdir(workdir)
             try:
-                if sender_process is None:
-                    sender_process = torch.cuda.is_available()
+                if sender_process is None:  # as run.py decides it (env MLTRACK_SENDER_PROCESS, else on a GPU)
+                    from mltrack.run import sender_process_for
+
+                    sender_process = sender_process_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
                 self.tracker = Tracker.start("bench", name, {"mltrack.role": "bench"}, spool_dir=self.workdir / "spool",
                                              sender_process=sender_process)
             finally:

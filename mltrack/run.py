@@ -305,12 +305,12 @@ def _open_session(cfg: RunConfig, run_dir: Path, device: torch.device, names: li
     tracker = Tracker.start(
         cfg.tracking.experiment_name or cfg.data.dataset_name, run_dir.name, tags,
         resume_run_id=resume.run_id if same_run and resume is not None else None, parent_run_id=parent_run_id,
-        spool_dir=run_dir / "spool", sender_process=_sender_process(device),
+        spool_dir=run_dir / "spool", sender_process=sender_process_for(device),
     )
     return Session(cfg, run_dir, tracker, device, names, digest, resume, new_run=not same_run)
 
 
-def _sender_process(device: torch.device) -> bool:
+def sender_process_for(device: torch.device) -> bool:
     """Deliver to MLflow from a child process (mltrack._sender_process): on a GPU, where the training thread
     is launch-bound and must keep the GIL; env ``MLTRACK_SENDER_PROCESS=1``/``0`` forces it on or off."""
     forced = os.environ.get("MLTRACK_SENDER_PROCESS", "").strip().lower()
