@@ -23,7 +23,9 @@ Python's ``zipfile``, would refuse a shared checkpoint without them; the sha256 
 The last two rows hash the written file (no write; "one write" is one hash): ``hashlib.file_digest`` reads
 256 KB at a time and slowed the loop to ~0.70x there; ``checkpoint.sha256_file`` reads 8 MB at a time.
 The "figure" rows draw the per-epoch confusion figure back to back (``mltrack.figures.render_png``; "one
-write" is one render): the share of the loop they take is what ``EpochFigures.DUTY`` divides.
+write" is one render): the share of the loop they take is what ``EpochFigures.DUTY`` divides. The "TB" rows
+write an epoch's 30 TensorBoard scalars back to back, one ``add_scalar`` each or as one summary (as
+``TensorBoardHook`` does).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -100,7 +102,32 @@ def writers(state: dict[str, dict[str, torch.Tensor]], flats: list[torch.Tensor]
         # the per-epoch confusion figure (mltrack.figures.render_png), drawn back to back; "one write" = one render
         "figure, 2 classes": lambda: render_png(*_matrix(2), "val, epoch 3"),
         "figure, 10 classes": lambda: render_png(*_matrix(10), "val, epoch 3"),
+        # an epoch's 30 TensorBoard scalars: one add_scalar each, or one summary (TensorBoardHook), + flush
+        "TB, 30 add_scalar": lambda: _tensorboard(path.parent, one_summary=False),
+        "TB, one summary": lambda: _tensorboard(path.parent, one_summary=True),
     }
+
+
+_writers: dict[bool, Any] = {}
+_TB_KEYS = [f"val/f1/class_{i}" for i in range(10)] + [f"val/recall/class_{i}" for i in range(10)] + [
+    "train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s", "train/img_per_s", "val/f1_macro",
+    "val/balanced_acc", "nonfinite_steps"]
+
+
+def _tensorboard(folder: Path, one_summary: bool) -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
+
+    if one_summary not in _writers:
+        _writers[one_summary] = SummaryWriter(str(folder / f"tb_{one_summary}"))
+    writer = _writers[one_summary]
+    if one_summary:
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=0.5) for k in _TB_KEYS])
+        writer._get_file_writer().add_summary(summary, 1)
+    else:
+        for key in _TB_KEYS:
+            writer.add_scalar(key, 0.5, 1)
+    writer.flush()
 
 
 def _matrix(k: int) -> tuple[list[list[int]], list[str]]:
@@ -167,6 +194,8 @@ def main() -> None:
             print(f"  {name:23s} loop {r['rate'] / base:5.2f}x alone ({r['rate']:,.0f}/s)  stalls >4 ms "
                   f"{1000 * r['stalled']:6.1f} ms/s  longest {1000 * r['longest']:6.1f} ms  one write "
                   f"{1000 * r['write_s']:7.1f} ms")
+        for writer in _writers.values():  # before the folder goes
+            writer.close()
 
 
 if __name__ == "__main__":

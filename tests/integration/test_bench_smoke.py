@@ -95,7 +95,7 @@ def test_save_gil_probe_runs_and_prints_every_way(tmp_path: Path) -> None:
     assert [line.split("loop")[0].strip() for line in lines] == [
         "nothing", "mltrack checkpoint.save", "torch.save to open file", "the same, no crc32", "torch.save to a path",
         "torch.save to BytesIO", "plain file write", "hashlib.file_digest", "mltrack sha256_file",
-        "figure, 2 classes", "figure, 10 classes"]
+        "figure, 2 classes", "figure, 10 classes", "TB, 30 add_scalar", "TB, one summary"]
     assert "1.00x alone" in lines[0]
     assert all("one write" in line and "ms" in line for line in lines)
     assert list(tmp_path.iterdir()) == []  # the temp dir and its file are gone

@@ -370,6 +370,9 @@ def test_real_training_queues_each_checkpoint_before_its_metrics_and_commit(
     tb_steps = [e.step for e in tb.Images("confusion_matrix/val")]
     assert {0, 2} <= set(tb_steps) and tb_steps == sorted(set(tb_steps))
     assert {f"confusion_matrix_val_{step:04d}.png" for step in tb_steps} == epochs
+    run_loss = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/loss")}
+    assert {e.step: e.value for e in tb.Scalars("train/loss")} == pytest.approx(run_loss)  # one summary per epoch
+    assert {"val/acc", "lr", "epoch_time_s"} <= set(tb.Tags()["scalars"])
 
 
 # ---------------------------------------------------------------- epochs shorter than a checkpoint write
