@@ -358,8 +358,8 @@ class TensorBoardHook(Hook):
 
     def _epoch_job(self, step: int, metrics: dict[str, float]) -> None:
         # One summary holding every scalar of the epoch, not one add_scalar (summary, event, queue item) per key:
-        # 0.26 against 0.74 ms of GIL-holding CPU for 30 scalars; a thread launching small ops beside it, an epoch
-        # every 40 ms, kept 0.98-1.01x against 0.93x (2-core CPU machine). TensorBoard reads them the same.
+        # 0.3 against 1.5 ms per epoch for 30 scalars, nearly all of it under the GIL (bench/probe_save_gil.py,
+        # 2-core CPU machine). TensorBoard reads them the same.
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()]
