@@ -166,8 +166,12 @@ def serve(requests: IO[str], replies: IO[str], uri: str, run_id: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    from mltrack._spool import WORKER_THREAD
+
     uri, run_id = argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when this ends (its stdin closes)
+    # Named as the in-process worker, so that quiet_worker_retries also silences urllib3's "Retrying ..." here.
+    threading.current_thread().name = WORKER_THREAD
     # The protocol owns the original stdout; anything else printed here (a library's print) goes to stderr.
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)

@@ -137,7 +137,8 @@ def _assert_complete(uri: str, run_id: str, epochs: int, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("sender_process", [False, True], ids=["thread", "child_process"])
 def test_outage_then_restart_replays_everything_once(server: Callable[..., Server], tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture, sender_process: bool) -> None:
+                                                     caplog: pytest.LogCaptureFixture, sender_process: bool,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     srv = server()
     tracker = Tracker.start("outage", "r", {"mltrack.role": "train"}, spool_dir=tmp_path / "spool",
                             sender_process=sender_process)
@@ -162,6 +163,7 @@ def test_outage_then_restart_replays_everything_once(server: Callable[..., Serve
     warnings = [r.getMessage() for r in caplog.records if "tracking offline" in r.getMessage()]
     assert len(warnings) == 1 and str(tracker.spool_file) in warnings[0] and "will replay" in warnings[0]
     assert not [r for r in caplog.records if r.name.startswith("urllib3") and r.threadName == "mltrack-tracking"]
+    assert "Retrying" not in capfd.readouterr().err  # nor from the sender process (its stderr is ours)
     tracker.finish()
     _assert_complete(srv.uri, tracker.run_id, 4, tmp_path)
 
