@@ -3,7 +3,7 @@ with a reason, the table and targets print, and bench.json holds what was printe
 timer of the tracking group (turns, drains, failures, ratios) on plain epoch functions, and (GPU) the
 hymenoptera group's CUDA-graph variants with the interleaved tracking measurement at reduced size; and
 bench/probe_save_gil.py, bench/probe_epoch_end.py, bench/probe_log_batch.py, bench/probe_sender.py and
-bench/probe_improving_epochs.py in their quick modes."""
+bench/probe_improving_epochs.py and bench/probe_progress.py in their quick modes."""
 from __future__ import annotations
 
 import json
@@ -243,3 +243,14 @@ def test_improving_epochs_probe_runs_both_ways() -> None:
     rows = [line.strip() for line in proc.stdout.splitlines() if "checkpoints written" in line]
     assert [row.split(":")[0] for row in rows] == ["waiting for a slot", "superseding"]
     assert "0 superseded in the queue" in rows[0]
+
+
+@pytest.mark.timeout(120)
+def test_progress_probe_prices_both_bars_and_both_refresh_rates() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_progress.py"), "--passes", "3", "--steps", "2",
+                           "--pass-ms", "4", "--seconds", "0.2"], env=_env(), capture_output=True, text=True,
+                          timeout=110)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "rich bar per pass (before)" in out and "mltrack console.progress" in out
+    assert "refreshed 10/s" in out and "refreshed 4/s" in out

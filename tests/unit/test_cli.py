@@ -238,3 +238,31 @@ def test_progress_disabled_is_noop_and_enabled_runs(capsys: pytest.CaptureFixtur
     with console.progress(4, "epoch 2", enabled=True) as advance:
         for _ in range(4):
             advance(loss=0.25, acc=0.9)
+
+
+def test_progress_bar_starts_only_once_the_pass_has_run_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rich.progress
+
+    made: list[Any] = []
+    real = rich.progress.Progress
+
+    class Recorded(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(rich.progress, "Progress", Recorded)
+    with console.progress(8, "epoch 1 train", enabled=True) as advance:  # a short pass: no bar at all
+        for _ in range(8):
+            advance(loss=0.5)
+    assert made == []
+    monkeypatch.setattr(console, "BAR_DELAY_S", 0.05)
+    with console.progress(8, "epoch 2 train", enabled=True) as advance:
+        advance(3, loss=0.4)  # before the delay: counted, not shown
+        assert made == []
+        time.sleep(0.06)
+        advance(1, loss=0.3)  # the bar starts here, with the steps so far
+        advance(2)
+        task = made[0].tasks[0]
+        assert (task.description, task.completed, task.total, task.fields) == ("epoch 2 train", 6, 8, {"loss": 0.3})
+    assert len(made) == 1 and made[0].live.refresh_per_second == console.BAR_REFRESH_PER_S
