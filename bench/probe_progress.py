@@ -3,7 +3,8 @@
 ``mltrack train`` on a terminal shows a rich progress bar per train pass. Measured here, with a console that
 is a terminal writing to memory: (1) the time one pass spends in the bar on the calling thread, for a pass of
 ``--steps`` steps lasting ``--pass-ms`` (the steps are sleeps), rich's bar started per pass as before against
-``mltrack.console.progress`` now (which starts a bar only once a pass has run ``BAR_DELAY_S``); (2) how much a
+``mltrack.console.progress`` now (which starts a bar only once a pass has run ``BAR_DELAY_S``), and the same
+calls into a no-op (what any call costs there, right after a sleep); (2) how much a
 live bar's refreshes (on rich's thread) slow a thread launching small ops (``probe_save_gil.loop``), at rich's
 default 10 refreshes per second against mltrack's 4.
 
@@ -47,20 +48,21 @@ def rich_per_pass(total: int, description: str) -> Iterator[Callable[..., None]]
 
 
 def pass_cost(make: Callable[[int, str], Any], passes: int, steps: int, pass_s: float) -> float:
-    """Median seconds per pass the calling thread spent in the bar (its own CPU clock, sleeps excluded)."""
+    """Median seconds per pass the calling thread spent in the bar's calls (start, each advance, stop; wall
+    time, so waiting for the GIL counts; the sleeps between steps do not)."""
     costs = []
     for p in range(passes):
         spent = 0.0
-        t0 = time.thread_time()
+        t0 = time.perf_counter()
         with make(steps, f"epoch {p} train") as advance:
-            spent += time.thread_time() - t0
+            spent += time.perf_counter() - t0
             for _ in range(steps):
                 time.sleep(pass_s / steps)
-                t0 = time.thread_time()
+                t0 = time.perf_counter()
                 advance(1, loss=0.5)
-                spent += time.thread_time() - t0
-            t0 = time.thread_time()
-        costs.append(spent + time.thread_time() - t0)
+                spent += time.perf_counter() - t0
+            t0 = time.perf_counter()
+        costs.append(spent + time.perf_counter() - t0)
     return statistics.median(costs)
 
 
@@ -86,10 +88,12 @@ def main() -> None:
     console._console_singleton = Console(file=io.StringIO(), force_terminal=True, width=120)  # a terminal, in memory
     print(f"torch {torch.__version__}; passes of {args.steps} steps over {args.pass_ms:g} ms; "
           f"mltrack BAR_DELAY_S {console.BAR_DELAY_S:g}, BAR_REFRESH_PER_S {console.BAR_REFRESH_PER_S}")
-    for name, make in (("rich bar per pass (before)", rich_per_pass),
+    # "no bar" times the same calls into a no-op: what a call costs here at all (after a sleep, a cold one)
+    for name, make in (("no bar (no-op calls)", lambda t, d: console.progress(t, d, enabled=False)),
+                       ("rich bar per pass (before)", rich_per_pass),
                        ("mltrack console.progress", lambda t, d: console.progress(t, d, enabled=True))):
         cost = pass_cost(make, args.passes, args.steps, args.pass_ms / 1000)
-        print(f"  {name:27s} {1000 * cost:6.2f} ms of the calling thread per pass")
+        print(f"  {name:27s} {1000 * cost:6.3f} ms of the calling thread per pass")
     for hz in (10, console.BAR_REFRESH_PER_S):
         print(f"  a live bar refreshed {hz:g}/s: a launching loop keeps {refresh_cost(hz, args.seconds):.3f}x")
 
