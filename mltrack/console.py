@@ -174,9 +174,10 @@ BAR_REFRESH_PER_S = 4  # rich's default is 10; each refresh renders on a thread 
 
 class _LazyBar:
     """The ``advance`` of :func:`progress`: counts, and starts the rich bar only once the pass has run
-    ``BAR_DELAY_S``. A live bar costs the training thread its start and stop (~3.5 ms for a pass of 8 steps,
-    bench/probe_progress.py) and its refreshes (rendered on rich's thread, under the GIL): on short passes (a small dataset from a GPU
-    cache, 0.04 s epochs) that was several percent of the epoch, for a bar nobody could read."""
+    ``BAR_DELAY_S``. A live bar costs the training thread its start and stop (~3.5 ms for a pass of 8
+    steps, bench/probe_progress.py) and its refreshes (rendered on rich's thread, under the GIL): on short
+    passes (a small dataset from a GPU cache, 0.04 s epochs) that was several percent of the epoch, for a
+    bar nobody could read."""
 
     def __init__(self, total: int, description: str, stack: ExitStack) -> None:
         self.total, self.description, self.stack = total, description, stack
