@@ -114,7 +114,7 @@ class Tracking:
                  sender_process: bool | None = None) -> None:
         """``figures``: None, or ``"inline"``: the default config's per-epoch confusion figure (MLflow +
         TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it.
-        ``figure_duty``: the figures' duty rule (``EpochFigures.DUTY``; 0: every epoch's figure), None: the default.
+        ``figure_duty``: the figures' duty rule (``EpochFigures``; 0: every epoch's figure), None: run.py's.
         ``sender_process``: MLflow writes from a child process (``Tracker.start``); None: as ``run.py``, on a
         GPU only (when CUDA is available) unless env ``MLTRACK_SENDER_PROCESS`` says otherwise."""
         self.workdir = Path(workdir) / name
@@ -165,9 +165,10 @@ class Tracking:
             sinks = [mlflow_sink(self.tracker)]
             if tb is not None:
                 sinks.append(tensorboard_sink(lambda: tb.writer))
-            figures = EpochFigures(sinks)
-            if self.figure_duty is not None:
-                figures.DUTY = self.figure_duty
+            # the duty rule as run.py picks it (by device), unless the variant sets one
+            duty = self.figure_duty if self.figure_duty is not None else (
+                EpochFigures.DUTY if torch.cuda.is_available() else EpochFigures.CPU_DUTY)
+            figures = EpochFigures(sinks, duty)
             self.figures_hook = FiguresHook(figures, self.io)
             hooks.append(self.figures_hook)
         if tb is not None:

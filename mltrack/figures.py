@@ -111,19 +111,24 @@ class EpochFigures:
     ``offer`` is called on the training thread at the end of an epoch; ``deliver`` renders the queued
     figures on the epoch-IO worker; ``close`` says how many figures were skipped (once).
 
-    Duty rule: an epoch's figure is skipped while less than ``DUTY`` x the last render's duration has passed
-    since the last rendered one was offered, so rendering takes at most ~1/DUTY of the wall time. A render
+    Duty rule: an epoch's figure is skipped while less than ``duty`` x the last render's duration has passed
+    since the last rendered one was offered, so rendering takes at most ~1/duty of the wall time. A render
     holds the GIL most of its time (drawing back to back cut a thread launching small ops to 0.33-0.47x on the
-    2-core CPU machine, ``bench/probe_save_gil.py``), so 1/DUTY is what it may take from a launch-bound training
-    thread: 1/100, inside the 1 % that tracking may cost (issue 9). With epochs longer than 100 renders
-    (0.2-2 s: the usual case, and the digits demo's 5 s epochs) every epoch gets its figure; 0.05 s epochs and
-    5 ms renders get one every ~10 epochs. ``finish`` renders the last epoch's figure if it was skipped.
+    2-core CPU machine, ``bench/probe_save_gil.py``), so 1/duty is what it may take from a launch-bound training
+    thread: training on a GPU, ``DUTY`` 1/100, inside the 1 % that tracking may cost (issue 9); with epochs
+    longer than 100 renders (0.2-2 s) every epoch gets its figure, 0.05 s epochs and 5 ms renders one every
+    ~10 epochs. Training on the CPU the thread's time goes to torch's kernels, not to launching, and a render
+    competes for the cores, so it is slower: ``CPU_DUTY`` 1/10 keeps every figure of the digits demo (3-5 s
+    epochs; with 1/100, 7 of its 30 were skipped on the 2-core machine). ``finish`` renders the last epoch's
+    figure if it was skipped.
     """
 
     DUTY = 100.0
+    CPU_DUTY = 10.0
 
-    def __init__(self, sinks: list[Sink]) -> None:
+    def __init__(self, sinks: list[Sink], duty: float | None = None) -> None:
         self.sinks = sinks
+        self.duty = self.DUTY if duty is None else duty  # this instance's rule (run.py picks it by device)
         self.skipped = 0
         self.offered = 0
         self.render_s = 0.0  # duration of the last render (set on the epoch-IO worker, read by offer)
@@ -138,7 +143,7 @@ class EpochFigures:
         """Queue epoch ``step``'s figure, or skip it (duty rule)."""
         self.offered += 1
         now = time.monotonic()
-        if now - self._last_at < self.DUTY * self.render_s:
+        if now - self._last_at < self.duty * self.render_s:
             self.skipped += 1
             self._held = (step, counts, class_names)
             return
@@ -173,7 +178,7 @@ class EpochFigures:
             self._said = True
             log.info("%d of %d per-epoch confusion-matrix figures were not rendered: epochs are shorter than "
                      "%g renders (%.2f s each); the last epoch's and the final val and test figures are complete",
-                     self.skipped, self.offered, self.DUTY, self.render_s)
+                     self.skipped, self.offered, self.duty, self.render_s)
 
     def _render(self, step: int, counts: list[list[int]], class_names: list[str]) -> bytes | None:
         """:func:`render_png`, timing it for the duty rule; None if it failed."""

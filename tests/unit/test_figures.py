@@ -47,7 +47,7 @@ def test_every_sink_gets_each_epoch_once_in_order() -> None:
     sinks: list[Callable[[int, bytes], None]] = [lambda s, png: got["a"].append((s, png)),
                                                  lambda s, png: got["b"].append((s, png))]
     figures = EpochFigures(sinks)
-    figures.DUTY = 0.0  # this test is about order and content, not skipping
+    figures.duty = 0.0  # this test is about order and content, not skipping
     try:
         for step in range(3):
             figures.offer(step, _matrix(step), NAMES)
@@ -94,3 +94,16 @@ def test_tensorboard_sink_stores_the_png_as_it_is(tmp_path: Path) -> None:
     [image] = events.Images("confusion_matrix/val")
     height, width = _pixels(png).shape[:2]
     assert (image.step, image.width, image.height, image.encoded_image_string) == (4, width, height, png)
+
+
+def test_run_picks_the_duty_rule_by_device() -> None:
+    import torch
+
+    from mltrack.config import load_config
+    from mltrack.run import _figures_hook
+
+    cfg = load_config(None, ["tracking.confusion_every_epoch=true", "tracking.tensorboard=false"])
+    for device, duty in (("cpu", EpochFigures.CPU_DUTY), ("cuda", EpochFigures.DUTY)):
+        hook = _figures_hook(cfg, object(), None, None, torch.device(device))
+        assert hook.figures.duty == duty
+    assert EpochFigures([]).duty == EpochFigures.DUTY == 100.0 and EpochFigures.CPU_DUTY == 10.0
