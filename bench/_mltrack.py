@@ -166,8 +166,8 @@ class Tracking:
             if tb is not None:
                 sinks.append(tensorboard_sink(lambda: tb.writer))
             # the duty rule as run.py picks it (by device), unless the variant sets one
-            duty = self.figure_duty if self.figure_duty is not None else (
-                EpochFigures.DUTY if torch.cuda.is_available() else EpochFigures.CPU_DUTY)
+            duty = self.figure_duty if self.figure_duty is not None else EpochFigures.duty_for(
+                "cuda" if torch.cuda.is_available() else "cpu")
             figures = EpochFigures(sinks, duty)
             self.figures_hook = FiguresHook(figures, self.io)
             hooks.append(self.figures_hook)

@@ -126,6 +126,11 @@ class EpochFigures:
     DUTY = 100.0
     CPU_DUTY = 10.0
 
+    @classmethod
+    def duty_for(cls, device_type: str) -> float:
+        """The duty rule for training on ``device_type`` ("cuda", "cpu", ...): see the class docstring."""
+        return cls.DUTY if device_type == "cuda" else cls.CPU_DUTY
+
     def __init__(self, sinks: list[Sink], duty: float | None = None) -> None:
         self.sinks = sinks
         self.duty = self.DUTY if duty is None else duty  # this instance's rule (run.py picks it by device)

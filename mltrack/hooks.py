@@ -152,8 +152,9 @@ class CheckpointHook(Hook):
         improved = ctx.last is not None and ctx.last.improved
         recent = (not self.io.inline and self.write_s >= self.DUTY_MIN_WRITE_S
                   and time.monotonic() - self.queued_at < self.DUTY * self.write_s)
-        self.deferred = not improved and (recent or not self.io.slot_free())
-        if self.deferred or (improved and not self.io.slot_free() and self._supersede(ctx)):
+        full = not self.io.slot_free()
+        self.deferred = not improved and (recent or full)
+        if self.deferred or (improved and full and self._supersede(ctx)):
             return
         self._submit(ctx, improved)
 

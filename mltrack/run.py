@@ -448,8 +448,7 @@ def _figures_hook(cfg: RunConfig, tracker: Any, tb_hook: Any, io: Any, device: t
         sinks.append(tensorboard_sink(lambda: tb_hook.writer))
     if not sinks:
         return None
-    duty = EpochFigures.DUTY if device.type == "cuda" else EpochFigures.CPU_DUTY
-    return FiguresHook(EpochFigures(sinks, duty), io)
+    return FiguresHook(EpochFigures(sinks, EpochFigures.duty_for(device.type)), io)
 
 
 def class_weights(cfg: RunConfig, targets: list[int], n_classes: int) -> torch.Tensor:
