@@ -40,6 +40,24 @@ def _reconcile(store: Store, *args: str) -> Any:
         return CliRunner().invoke(cli, ["reconcile", *args])
 
 
+def _wait_for_stored_checkpoint(started: tuple[Any, Store], timeout: float = 120) -> None:
+    """Block until the run's first epoch is committed in the store: its metrics, which go out only after the
+    upload of a checkpoint at or after their epoch (RELIABILITY rule 4), so ``weights/last.pt`` is complete
+    there. Checkpoints are uploaded in the background while the next epoch trains: the console's ``Epoch 1/``
+    line does not mean an upload has landed, and a SIGKILL that comes first leaves nothing to resume from
+    (on a loaded 2-core CI machine it did)."""
+    cli, store = started
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = store.runs()
+        if runs and store.history(runs[0].info.run_id, "train/loss") and "last.pt" in {
+                Path(f.path).name for f in store.client.list_artifacts(runs[0].info.run_id, "weights")}:
+            return
+        assert cli.proc.poll() is None, f"exited rc={cli.proc.returncode} before last.pt was stored"
+        assert time.monotonic() < deadline, f"no weights/last.pt stored in {timeout} s:\n{cli.output()[-3000:]}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def exits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Starts every exit path at once (they share the 2 cores), then signals the long ones in epoch 2 and
@@ -56,7 +74,9 @@ def exits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sent: dict[str, float] = {}
     for name, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT), ("sigkill", signal.SIGKILL)):
         cli, _ = runs[name]
-        cli.wait_for("Epoch 1/")  # epoch 2 has started: a checkpoint of epoch 1 exists
+        cli.wait_for("Epoch 1/")  # epoch 2 has started: a checkpoint exists on disk (its upload may lag)
+        if name == "sigkill":
+            _wait_for_stored_checkpoint(runs[name])
         if name == "sigterm":
             live = _reconcile(runs[name][1], "--stale-after", "600")
         sent[name] = time.monotonic()
