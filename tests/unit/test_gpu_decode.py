@@ -202,7 +202,13 @@ def test_reader_keeps_batch_order_and_reads_only_a_few_batches_ahead(tmp_path: P
     batches = [[7, 3, 20], [0, 1], [23, 5, 9], [2], [11, 12], [4, 6], [8, 10], [13, 14]]
     reader = _CountingReader(files, batches, ("square", 8), 10**8, threads=3, ahead=2)
     try:
-        time.sleep(0.5)  # nobody consumes: 2 batches queued, 1 waiting to be put, 2 more loaded in parallel
+        # Nobody consumes: 2 batches queued, 1 waiting to be put, 2 more loaded in parallel. Wait for that
+        # (a loaded CI machine may take a while), then give the reader time to (wrongly) read further.
+        deadline = time.monotonic() + 20
+        while len(reader.loaded) < 11 or reader.queue.qsize() < 2:
+            assert time.monotonic() < deadline, (reader.loaded, reader.queue.qsize())
+            time.sleep(0.02)
+        time.sleep(0.3)
         assert reader.parallel == 3 and reader.queue.qsize() == 2
         assert sorted(reader.loaded) == sorted(i for batch in batches[:5] for i in batch)
         seen = list(reader)
