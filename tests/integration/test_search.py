@@ -352,6 +352,7 @@ def test_killed_worker_trial_is_failed_retried_once_and_resumed(workdir: Path) -
                                  stdout=log, stderr=subprocess.STDOUT)
     try:
         victim = wait_for_epoch(first, workdir / "optuna.db", "crash", step=1)
+        _wait_for_committed_epoch(first, victim.user_attrs["mlflow_run_id"])
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     finally:
@@ -374,6 +375,17 @@ def test_killed_worker_trial_is_failed_retried_once_and_resumed(workdir: Path) -
     assert "mltrack.resumed_from" in resumed.data.tags  # from its checkpoint, not from scratch
     steps = sorted(m.step for m in MlflowClient().get_metric_history(run_id, "val/acc"))
     assert steps == [0, 1, 2, 3]  # every epoch logged exactly once across the crash
+
+
+def _wait_for_committed_epoch(proc: subprocess.Popen[bytes], run_id: str, timeout: float = 60) -> None:
+    """Until the run's epoch 0 metrics are in MLflow: they go out after its checkpoint (RELIABILITY rule 4),
+    which the writer thread writes and uploads while the next epoch trains, so a trial's Optuna report alone
+    does not mean a checkpoint exists for the retry to resume from."""
+    deadline = time.monotonic() + timeout
+    while not MlflowClient().get_metric_history(run_id, "val/acc"):
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline, f"no epoch of run {run_id} committed in {timeout} s"
+        time.sleep(0.1)
 
 
 def wait_for_epoch(proc: subprocess.Popen[bytes], db: Path, name: str, step: int,
