@@ -103,7 +103,13 @@ def open_resume(uri: str, fallback_previous: bool = False) -> ResumePoint:
     ``last.pt``) when that one verifies; an unsafe (hostile) file is never fallen back from.
     """
     workdir = Path(tempfile.mkdtemp(prefix="mltrack-resume-"))
-    uri, path, state, reason = _load_with_fallback(_resolve(uri), workdir, fallback_previous)
+    try:
+        uri, path, state, reason = _load_with_fallback(_resolve(uri), workdir, fallback_previous)
+    except CheckpointError as err:
+        hint = _local_copy_hint(_resolve(uri), str(err))
+        if hint is None:
+            raise
+        raise CheckpointError(f"{err}\n{hint}") from None
     point = ResumePoint(uri, path, state, state.get("mlflow_run_id"), fallback=reason)
     point.best_path = _fetch_best(uri.removesuffix(" (fallback)"), workdir / "best")
     if point.run_id:
@@ -115,6 +121,35 @@ def open_resume(uri: str, fallback_previous: bool = False) -> ResumePoint:
         point.resume_count = int(info["tags"].get("mltrack.resume_count", "0")) + 1
         point.state["_run_status"] = info["status"]
     return point
+
+
+def _local_copy_hint(uri: str, error: str) -> Optional[str]:
+    """When ``runs:/<id>/weights/<file>`` is not in the artifact store but the run's folder on this machine
+    holds that file: where it is and how to resume from it. Checkpoints are uploaded while the next epoch
+    trains, so a process killed with SIGKILL (or a lost connection) can leave a newer checkpoint on disk
+    than in the store, or the only one. Resuming from the local file continues the same run (the run id is
+    in the checkpoint). None when there is nothing to suggest."""
+    if not uri.startswith("runs:/") or "cannot download" not in error:
+        return None
+    run_id, _, rel = uri[len("runs:/"):].strip("/").partition("/")
+    if not rel.startswith("weights/"):
+        return None
+    from mltrack.tracking import run_info
+
+    try:
+        run_dir = run_info(run_id)["tags"].get("mltrack.run_dir")
+    except CheckpointError:  # no such run: the error already says so
+        return None
+    local = Path(run_dir) / rel if run_dir else None
+    if local is None or not local.is_file():
+        return None
+    try:
+        epoch = checkpoint.load(local)["progress"]["epoch"]
+    except (CheckpointError, KeyError, TypeError) as err:
+        return f"The run folder's {local} exists but is not usable either: {err}"
+    return (f"The run folder on this machine holds {local} ({epoch} epoch(s) done; missing from the store, e.g. "
+            f"its process ended before the upload). Resume the same run from it:\n"
+            f"  mltrack train --resume {local}")
 
 
 def _fetch_best(uri: str, workdir: Path) -> Optional[Path]:

@@ -227,6 +227,29 @@ def test_changed_split_files_and_missing_targets_are_refused(killed_run: dict[st
     assert [r.info.run_id for r in store.runs()] == [run_id] and store.run(run_id).info.status == "RUNNING"
 
 
+def test_checkpoint_not_in_the_store_names_the_run_folders_copy(killed_run: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed before its checkpoint upload landed (kill -9, a lost machine's store connection):
+    the refusal says where the run folder's copy is and gives the command that resumes the same run."""
+    store, run_id = killed_run["store"], killed_run["run_id"]
+    stored = Path(urlparse(store.run(run_id).info.artifact_uri).path) / "weights"
+    aside = stored.with_name("weights_aside")
+    stored.rename(aside)
+    try:
+        rc, out, seconds = _invoke(store, ["train", "--resume", f"runs:/{run_id}/weights/last.pt"], monkeypatch)
+    finally:
+        aside.rename(stored)
+    local = Path(store.run(run_id).data.tags["mltrack.run_dir"]) / "weights" / "last.pt"
+    assert rc == 2 and seconds < 5, out
+    assert f"cannot download runs:/{run_id}/weights/last.pt" in out
+    assert f"holds {local} (3 epoch(s) done" in out and f"mltrack train --resume {local}" in out, out
+    assert [r.info.run_id for r in store.runs()] == [run_id] and store.run(run_id).info.status == "RUNNING"
+    from mltrack.resume import open_resume  # what the suggested command opens: the same run, 3 epochs done
+
+    point = open_resume(str(local))
+    assert point.run_id == run_id and point.state["progress"]["epoch"] == 3
+
+
 def test_corrupted_artifact_is_detected_and_previous_checkpoint_used(
         killed_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
         tmp_path_factory: pytest.TempPathFactory) -> None:
