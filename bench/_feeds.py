@@ -313,7 +313,7 @@ def interleaved_rows(measured: dict[str, Any], baseline: str) -> dict[str, dict[
             row["threads_cpu_ms_per_epoch_by_name"] = {n: round(1e3 * sum(
                 block.get("threads_cpu_by_name", {}).get(n, 0.0) for block in arm["blocks"]) / max(epochs, 1), 2)
                 for n in sorted(names)}
-        for key in ("checkpoints_queued", "checkpoints_superseded", "figures"):  # running counts: the last block's is the total
+        for key in ("checkpoints_queued", "checkpoints_superseded", "checkpoints_held", "figures"):  # running counts: the last block's is the total
             if any(key in block for block in arm["blocks"]):
                 row[key] = arm["blocks"][-1].get(key)
         if base_median:

@@ -186,7 +186,7 @@ class Tracking:
         t0 = time.perf_counter()
         self.io.drain()
         out = {"io_drain_s": round(time.perf_counter() - t0, 3), "checkpoints_queued": self.checkpoints.queued,
-               "checkpoints_superseded": self.checkpoints.superseded}
+               "checkpoints_superseded": self.checkpoints.superseded, "checkpoints_held": self.checkpoints.held}
         if self.figures_hook is not None:
             figures = self.figures_hook.figures
             out["figures"] = f"{figures.offered - figures.skipped} of {figures.offered}"

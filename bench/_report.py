@@ -88,9 +88,7 @@ def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
         extra = "".join(f"  {label} {row[key]} s" for key, label in (("io_drain_s", "epoch IO drain after"),
                                                                          ("queue_drain_s", "upload queue drain after")) if key in row)
         if "checkpoints_queued" in row:
-            extra += f"  checkpoints queued {row['checkpoints_queued']}"
-            if row.get("checkpoints_superseded"):
-                extra += f" (+{row['checkpoints_superseded']} superseded in the queue)"
+            extra += f"  checkpoints queued {row['checkpoints_queued']}{_not_queued(row)}"
         if "figures" in row:
             extra += f"  figures {row['figures']}"
         if row.get("hooks_ms"):
@@ -101,6 +99,13 @@ def _other(R: Any, group: str, title: str, relative: bool = True) -> None:
                       f"graphs compiled in the timed epochs: {row.get('graphs_compiled_timed', '?')})")
         rel = f"  {_ratio(e, base)} the first's time" if base and e and row is not rows[0] else ""
         print(f"  {row['name']:28s} {row['model']:10s} {row['img_per_s']:9,.0f} img/s  epoch {e:.3f} s{rel}{extra}")
+
+
+def _not_queued(row: dict[str, Any]) -> str:
+    """Improving epochs not queued on their own: superseded in the queue, held by the duty rule (CheckpointHook)."""
+    parts = [f"+{row[key]} {label}" for key, label in (("checkpoints_superseded", "superseded in the queue"),
+                                                        ("checkpoints_held", "held")) if row.get(key)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _tracking(R: Any) -> None:
@@ -121,9 +126,8 @@ def _tracking(R: Any) -> None:
         ratio = f"{row['ratio_of_medians']:.3f}" if "ratio_of_medians" in row else "-"
         drains = (f"{row['io_drain_s']:.3f} / {row.get('queue_drain_s', '-')} s" if "io_drain_s" in row else "-")
         if "checkpoints_queued" in row:
-            drains += f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up epochs"
-            if row.get("checkpoints_superseded"):
-                drains += f" (+{row['checkpoints_superseded']} superseded in the queue)"
+            drains += (f"; {row['checkpoints_queued']} checkpoints queued in {row['epochs']} timed + warm-up "
+                       f"epochs{_not_queued(row)}")
         if "figures" in row:
             drains += f"; figures {row['figures']}"
         if "process_cpus" in row:

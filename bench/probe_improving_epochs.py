@@ -1,12 +1,15 @@
 """How long does the training thread wait at the end of improving epochs that are shorter than a checkpoint write?
 
-Every improving epoch is written (``best.pt`` must hold its weights). With epochs shorter than a write (a
-small dataset from a GPU cache: 0.04-0.1 s epochs, 0.1-0.3 s writes of a resnet18 state), a run of them used
-to fill both IO slots, and each further one waited for a slot on the training thread. Now such an epoch
-supersedes the queued checkpoint job that has not started (``CheckpointHook``). This runs the real
+Every improving epoch used to be written (``best.pt`` must hold its weights). With epochs shorter than a write
+(a small dataset from a GPU cache: 0.04-0.1 s epochs, 0.1-0.3 s writes of a resnet18 state), a run of them
+filled both IO slots, and each further one waited for a slot on the training thread ("waiting for a slot").
+Then such an epoch superseded the queued checkpoint job that had not started ("superseding"): no waits, but
+the writer still ran back to back. Now the duty rule holds improving epochs too ("duty rule": the state is
+kept and written once the writer has rested DUTY x its last write; ``CheckpointHook``). This runs the real
 ``CheckpointHook`` on a real ``EpochIO`` worker writing a resnet18 + momentum state, with every epoch improving
-and each epoch stood in for by a sleep of ``--epoch-ms`` (no training: only the wait is measured), with and
-without superseding, and prints the hook's time per epoch and the checkpoints written.
+and each epoch stood in for by a sleep of ``--epoch-ms`` (no training: only the wait and the writer's share
+are measured), under each rule, and prints the hook's time per epoch, the checkpoints written (the final
+one at fit end included) and the share of the loop's time the writer was busy.
 
     python bench/probe_improving_epochs.py [--epochs 20] [--epoch-ms 40]
 """
@@ -40,17 +43,38 @@ def fit_context(model: torch.nn.Module) -> Any:
                       {"train": None, "val": None, "test": None}, torch.nn.CrossEntropyLoss(), ["a", "b"])
 
 
-def run(supersede: bool, epochs: int, epoch_s: float, weights: Path) -> dict[str, Any]:
+RULES = ("waiting for a slot", "superseding", "duty rule")
+
+
+def run(rule: str, epochs: int, epoch_s: float, weights: Path) -> dict[str, Any]:
     from mltrack.epoch_io import EpochIO
     from mltrack.hooks import CheckpointHook
     from mltrack.trainers.loop import EpochOutput
     import torchvision
 
+    class Timed(CheckpointHook):
+        """The real hook, with the writer's busy time summed (and the older rules, for comparison)."""
+
+        busy_s = 0.0
+
+        def _epoch_job(self, job: Any) -> None:
+            t0 = time.perf_counter()
+            super()._epoch_job(job)
+            self.busy_s += time.perf_counter() - t0
+
+        def _hold(self, ctx: Any) -> None:
+            if rule == "duty rule":
+                super()._hold(ctx)
+            else:  # before the duty rule held improving epochs: written at once
+                self.deferred = False
+                self._submit(ctx, True)
+
+        def _supersede(self, ctx: Any) -> bool:
+            return rule != "waiting for a slot" and super()._supersede(ctx)
+
     ctx = fit_context(torchvision.models.resnet18(num_classes=2))
     io = EpochIO(inline=False)
-    hook = CheckpointHook(weights, None, {"mlflow_run_id": "probe"}, io)
-    if not supersede:
-        hook._supersede = lambda ctx: False  # type: ignore[method-assign]  # the rule before superseding
+    hook = Timed(weights, None, {"mlflow_run_id": "probe"}, io)
     waits = []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -61,9 +85,11 @@ def run(supersede: bool, epochs: int, epoch_s: float, weights: Path) -> dict[str
         hook.on_epoch_end(ctx)
         waits.append(time.perf_counter() - t0)
     loop_s = time.perf_counter() - start
+    busy_in_loop = hook.busy_s  # jobs finished within the loop (a running one is not counted yet)
+    hook.on_fit_end(ctx)
     io.close()
     return {"loop_s": loop_s, "waits": waits, "written": hook.queued, "superseded": hook.superseded,
-            "write_s": hook.write_s}
+            "held": hook.held, "write_s": hook.write_s, "busy_share": busy_in_loop / loop_s}
 
 
 def main() -> None:
@@ -73,14 +99,15 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, resnet18 + momentum state, {args.epochs} improving epochs of "
           f"{args.epoch_ms:g} ms (sleeps)")
-    for supersede in (False, True):
+    for rule in RULES:
         with tempfile.TemporaryDirectory() as tmp:
-            r = run(supersede, args.epochs, args.epoch_ms / 1000, Path(tmp) / "weights")
+            r = run(rule, args.epochs, args.epoch_ms / 1000, Path(tmp) / "weights")
         ms = [1000 * w for w in r["waits"]]
-        print(f"  {'superseding' if supersede else 'waiting for a slot'}: {args.epochs} epochs in {r['loop_s']:.2f} s "
+        print(f"  {rule}: {args.epochs} epochs in {r['loop_s']:.2f} s "
               f"(sleeps alone {args.epochs * args.epoch_ms / 1000:.2f} s); hook {statistics.median(ms):.1f} ms median, "
-              f"{max(ms):.1f} max; {r['written']} checkpoints written, {r['superseded']} superseded in the queue; "
-              f"last write {1000 * r['write_s']:.0f} ms")
+              f"{max(ms):.1f} max; {r['written']} checkpoints written (fit end included), {r['superseded']} "
+              f"superseded in the queue, {r['held']} held; writer busy {100 * r['busy_share']:.0f} % of the loop "
+              f"(finished writes); last write {1000 * r['write_s']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -97,24 +97,32 @@ class CheckpointHook(Hook):
     Epochs shorter than a checkpoint write (small data from a GPU cache: 0.1 s epochs, 0.4 s writes) must
     not wait for the disk: when the worker already has a checkpoint queued behind the one it writes, an
     epoch that did not improve is *deferred* (not written; the next written checkpoint supersedes it).
-    An improving epoch is always written (``best.pt`` must hold its weights), and so is the last one
-    (``on_fit_end``) and the state at a stop (``on_interrupt``). When both IO slots are taken and the second
-    one is a checkpoint job that has not started, an improving epoch *supersedes* it: that job writes the
-    newer state instead (its ``best.pt`` then holds the better weights), so a run of improving epochs
-    shorter than a write never waits for the disk; before, each such epoch waited for a slot (tens to
-    hundreds of milliseconds on the training thread). The superseded epoch's metrics, queued behind that
-    job, still go out after a checkpoint at or after their step (RELIABILITY rule 4). ``deferred`` tells the
-    tracking hook to hold the epoch's metrics back until a checkpoint at or after it is queued (same rule).
-    A non-improving epoch is also deferred while less than ``DUTY`` x the last write's duration has passed
-    since the last checkpoint was queued: the writer then runs at most ~1/DUTY of the time, so its Python
-    work (pickling, the tracker's inserts) competes with the training thread for the GIL only that much.
-    Measured on an H100 host (resnet18, 0.54 s epochs, ~0.3 s writes): with the writer busy 1/4 of the
-    time, checkpoints cost +2.0 % epoch time and checkpoints plus MLflow +2.7 %; the issue's budget for
-    tracking is 1 %, hence 1/10. What a crash can lose stays small: at most ~DUTY x one write (~3 s there).
-    With epochs longer than that (the usual case), writes shorter than ``DUTY_MIN_WRITE_S`` (small models)
-    and under synchronous IO (fault injection, ``MLTRACK_SYNC_EPOCH_IO``) every epoch is written.
-    ``queued`` counts the checkpoints queued and ``superseded`` the queued ones a newer epoch replaced
-    (for benchmarks and tests).
+    The last epoch (``on_fit_end``) and the state at a stop (``on_interrupt``) are always written.
+    When both IO slots are taken and the second one is a checkpoint job that has not started, an improving
+    epoch *supersedes* it: that job writes the newer state instead (its ``best.pt`` then holds the better
+    weights), so a run of improving epochs shorter than a write never waits for the disk; before, each such
+    epoch waited for a slot (tens to hundreds of milliseconds on the training thread). The superseded
+    epoch's metrics, queued behind that job, still go out after a checkpoint at or after their step
+    (RELIABILITY rule 4). ``deferred`` tells the tracking hook to hold the epoch's metrics back until a
+    checkpoint at or after it is queued (same rule).
+
+    The duty rule: while less than ``DUTY`` x the last write's duration has passed since the last checkpoint
+    was queued, a non-improving epoch is deferred, and an improving one is *held*: its state is copied to
+    the host (the snapshot, as for a write) and kept, replacing an older held one, until the rule lets a
+    checkpoint be queued; then the held state is written (``best.pt`` and ``last.pt`` of its epoch) unless
+    that epoch improves too (its own, newer, state is written). The final state and a stop write a held
+    state first. So the writer runs at most ~1/DUTY of the time, whether epochs improve or not, and its
+    Python work (pickling, the tracker's inserts) competes with the training thread for the GIL only that
+    much. Measured on an H100 host (resnet18, 0.54 s epochs, ~0.3 s writes): with the writer busy 1/4 of
+    the time, checkpoints cost +2.0 % epoch time and checkpoints plus MLflow +2.7 %; the issue's budget for
+    tracking is 1 %, hence 1/10. On hymenoptera-size CUDA-graph epochs (0.04 s) the improving epochs of
+    the start, written back to back, kept the writer busy most of a timed window and made the median
+    epoch 0.054 s instead of 0.038 s (``results_pipeline_tracking_hymen_h100``; held states came after).
+    What a crash can lose stays small: at most ~DUTY x one write (~3 s there), for ``best.pt`` as for
+    ``last.pt``. With epochs longer than that (the usual case), writes shorter than ``DUTY_MIN_WRITE_S``
+    (small models) and under synchronous IO (fault injection, ``MLTRACK_SYNC_EPOCH_IO``) every epoch is
+    written. ``queued`` counts the checkpoints queued, ``superseded`` the queued ones a newer epoch replaced
+    and ``held`` the improving epochs held (for benchmarks and tests).
     """
 
     DUTY = 10.0
@@ -131,6 +139,8 @@ class CheckpointHook(Hook):
         self.deferred = False  # the latest finished epoch's checkpoint was not written (see the class docstring)
         self.queued = 0
         self.superseded = 0
+        self.held = 0
+        self._held: _EpochCheckpoint | None = None  # an improving epoch's state the duty rule put off
         self._waiting: _EpochCheckpoint | None = None  # the last job queued, until the worker starts it
         self._lock = threading.Lock()  # guards _waiting and its ``started`` between the two threads
         self.write_s = 0.0  # duration of the last checkpoint job (worker thread)
@@ -153,19 +163,49 @@ class CheckpointHook(Hook):
         recent = (not self.io.inline and self.write_s >= self.DUTY_MIN_WRITE_S
                   and time.monotonic() - self.queued_at < self.DUTY * self.write_s)
         full = not self.io.slot_free()
-        self.deferred = not improved and (recent or full)
-        if self.deferred or (improved and full and self._supersede(ctx)):
+        if improved and full and self._supersede(ctx):
+            self._held, self.deferred = None, False  # the queued job now holds a newer, better state
             return
-        self._submit(ctx, improved)
+        if improved and recent and not full:  # not full: with the running write, two states at most
+            self._hold(ctx)
+            return
+        self.deferred = not improved and (recent or full)
+        if self.deferred:
+            return
+        held, self._held = self._held, None
+        if improved or held is None:  # an improving epoch's own state is newer and better than a held one
+            self._submit(ctx, improved)
+            return
+        self.io.wait_for_slot()
+        self._queue(held)  # the best state goes out; this epoch's waits for the next write (metrics too)
+        self.deferred = True
 
     def on_fit_end(self, ctx: FitContext) -> None:
-        if ctx.trainer.is_main_process and self.deferred:  # the final state is always written
+        if not ctx.trainer.is_main_process:
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            self.io.wait_for_slot()
+            self._queue(held)
+            self.deferred = self.deferred and held.epoch != ctx.state.epoch - 1  # unless it is the final state
+        if self.deferred:  # the final state is always written
             self._submit(ctx, improved=False)
             self.deferred = False
 
+    def _hold(self, ctx: FitContext) -> None:
+        """Keep this improving epoch's state until the duty rule lets it be written (class docstring)."""
+        self._held = None  # an older held state's host copy goes first
+        self._held = _EpochCheckpoint(start_snapshot(checkpoint_state(ctx, self.meta)), True, ctx.state.epoch - 1)
+        self.held += 1
+        self.deferred = True
+
     def _submit(self, ctx: FitContext, improved: bool) -> None:
         self.io.wait_for_slot()  # before the copy: at most two states in flight (see EpochIO)
-        job = _EpochCheckpoint(self._snapshot(ctx), improved, ctx.state.epoch - 1)
+        self._queue(_EpochCheckpoint(self._snapshot(ctx), improved, ctx.state.epoch - 1))
+
+    def _queue(self, job: _EpochCheckpoint) -> None:
+        """Queue ``job`` on ``io`` (a slot must be free)."""
+        self.queued_at = time.monotonic()
         with self._lock:
             self._waiting = job
         self.queued += 1
@@ -180,15 +220,14 @@ class CheckpointHook(Hook):
             job.snap = None  # type: ignore[assignment]  # its host copy goes first: still two states at most
             job.snap = self._snapshot(ctx)
             job.improved, job.epoch = True, ctx.state.epoch - 1
+        self.queued_at = time.monotonic()
         self.superseded += 1
         return True
 
     def _snapshot(self, ctx: FitContext) -> Snapshot:
         # Inline IO (fault injection, MLTRACK_SYNC_EPOCH_IO) keeps the copy synchronous: the state is complete
         # where the epoch ends, as crash points and debugging expect.
-        snap = start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
-        self.queued_at = time.monotonic()
-        return snap
+        return start_snapshot(checkpoint_state(ctx, self.meta), background=not self.io.inline)
 
     def _epoch_job(self, job: _EpochCheckpoint) -> None:
         with self._lock:  # from here on the job is this worker's: no newer epoch replaces it
@@ -215,6 +254,12 @@ class CheckpointHook(Hook):
         queued epoch jobs. Between epochs the epoch's own checkpoint is already the latest state, so
         nothing is written - unless that epoch's checkpoint was deferred."""
         self.io.drain()  # the previous epoch's write must not race this one (rotation reads last.pt)
+        held, self._held = self._held, None
+        if ctx.trainer.is_main_process and held is not None:  # the best state first (class docstring)
+            with _checkpoint_errors(f"epoch {held.epoch}", self.weights_dir):
+                self._write(held.snap.wait(), improved=True)
+                self._upload(improved=True)
+            self.deferred = self.deferred and held.epoch != ctx.state.epoch - 1
         if ctx.trainer.is_main_process and (ctx.state.batch > 0 or self.deferred):
             self.deferred = False
             where = f"epoch {ctx.state.epoch}, batch {ctx.state.batch}"

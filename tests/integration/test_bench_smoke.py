@@ -241,8 +241,8 @@ def test_improving_epochs_probe_runs_both_ways() -> None:
                            "--epoch-ms", "5"], env=_env(), capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.strip() for line in proc.stdout.splitlines() if "checkpoints written" in line]
-    assert [row.split(":")[0] for row in rows] == ["waiting for a slot", "superseding"]
-    assert "0 superseded in the queue" in rows[0]
+    assert [row.split(":")[0] for row in rows] == ["waiting for a slot", "superseding", "duty rule"]
+    assert "0 superseded in the queue, 0 held" in rows[0] and "0 held" in rows[1]
 
 
 @pytest.mark.timeout(120)

@@ -469,29 +469,83 @@ def test_improving_epochs_faster_than_the_disk_supersede_the_queued_checkpoint(
 
 
 def test_a_slow_writer_runs_at_most_a_tenth_of_the_time(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
-    """After a 0.3 s write, non-improving epochs within DUTY (10) x 0.3 s of the last queued checkpoint are
-    deferred even with the worker idle; an improving one is written; later epochs are written again."""
+    """After a 0.3 s write, epochs within DUTY (10) x 0.3 s of the last queued checkpoint are not written even
+    with the worker idle: a non-improving one is deferred, an improving one is held (its state kept, a newer
+    held one replacing it). The first epoch past the window writes the held (best) state, or its own when it
+    improves; every step's metrics go out once, after a checkpoint at or after it. Epoch k = metric step k."""
     model, optimizer = _trained_model()
     ctx = _ctx(model, optimizer)
     ckpt = CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io)
-    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
-    ckpt.on_epoch_end(ctx)
+    hooks = [ckpt, TrackingHook(tracker, io=io, checkpoints=ckpt)]
+
+    def epoch(step: int, improved: bool, since_queued: float | None = None) -> None:
+        ctx.state.epoch = step + 1
+        ctx.last = EpochOutput({"train/loss": float(step)}, torch.zeros(2, 2), torch.zeros(2, 2), improved=improved)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float(step))  # the weights tell which epoch they are
+        if since_queued is not None:
+            ckpt.write_s, ckpt.queued_at = 0.3, time.monotonic() - since_queued  # as if a 0.3 s write
+        for hook in hooks:
+            hook.on_epoch_end(ctx)
+
+    def written(name: str) -> int:
+        return int(next(iter(checkpoint.load(tmp_path / "weights" / name)["model"].values())).flatten()[0])
+
+    epoch(0, improved=False)
     io.drain()
-    assert not ckpt.deferred
-    ckpt.write_s = 0.3  # as if that write had taken 0.3 s
-    ctx.state.epoch = 2
-    ckpt.on_epoch_end(ctx)
+    assert not ckpt.deferred and written("last.pt") == 0
+    epoch(1, improved=False, since_queued=0.0)
     assert ckpt.deferred and io.slot_free()
-    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=True)
-    ckpt.on_epoch_end(ctx)
-    assert not ckpt.deferred
+    epoch(2, improved=True, since_queued=1.0)  # held, not written
+    assert ckpt.deferred and ckpt.held == 1 and ckpt.queued == 1
+    epoch(3, improved=True, since_queued=2.0)  # replaces the held state
+    assert ckpt.deferred and ckpt.held == 2 and ckpt.queued == 1
+    epoch(4, improved=False, since_queued=2.5)  # 2.5 s < 10 x 0.3 s
+    assert ckpt.deferred and ckpt.queued == 1
+    epoch(5, improved=False, since_queued=3.1)  # past the window: the held state is written, not this one
     io.drain()
-    ckpt.write_s, ckpt.queued_at = 0.3, time.monotonic() - 2.5
-    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
-    ckpt.on_epoch_end(ctx)
-    assert ckpt.deferred  # 2.5 s < 10 x 0.3 s
-    ckpt.queued_at = time.monotonic() - 3.1
-    ctx.last = EpochOutput({"train/loss": 0.0}, torch.zeros(2, 2), torch.zeros(2, 2), improved=False)
-    ckpt.on_epoch_end(ctx)
-    assert not ckpt.deferred
+    assert ckpt.deferred and ckpt.queued == 2 and written("best.pt") == 3 and written("last.pt") == 3
+    epoch(6, improved=False, since_queued=3.1)  # its own state
     io.drain()
+    assert not ckpt.deferred and ckpt.queued == 3 and written("last.pt") == 6 and written("best.pt") == 3
+    epoch(7, improved=True, since_queued=1.0)  # held ...
+    epoch(8, improved=True, since_queued=3.1)  # ... and replaced by a newer improving epoch past the window
+    io.drain()
+    assert not ckpt.deferred and ckpt.queued == 4 and written("best.pt") == 8 and written("last.pt") == 8
+    epoch(9, improved=True, since_queued=1.0)  # held when the run ends: written at fit end, then nothing else
+    for hook in hooks:
+        hook.on_fit_end(ctx)
+    io.drain()
+    assert ckpt.queued == 5 and written("best.pt") == 9 and written("last.pt") == 9
+    kinds = [e[:2] for e in tracker.events if e[0] != "log_artifact" or e[1][0] == "last.pt"]
+    assert [e[1][1] for e in kinds if e[0] == "log_artifact"] == [0, 3, 6, 8, 9]
+    for step in range(10):
+        metrics = kinds.index(("log_metrics", step))
+        assert any(e[0] == "log_artifact" and e[1][1] >= step for e in kinds[:metrics]), kinds
+        assert kinds.count(("log_metrics", step)) == 1
+    assert kinds[-1] == ("set_tags", "9")
+
+
+def test_a_stop_writes_the_held_best_state_then_the_current_one(io: EpochIO, tmp_path: Path, tracker: Any) -> None:
+    """SIGTERM/SIGINT between epochs while an improving epoch is held (duty rule): best.pt gets the held
+    state, last.pt the state at the stop; nothing is lost that the run had reported as its best."""
+    model, optimizer = _trained_model()
+    ctx = _ctx(model, optimizer)
+    ckpt = CheckpointHook(tmp_path / "weights", tracker, {"mlflow_run_id": "r0"}, io)
+    for step, improved in enumerate([True, True, False]):
+        ctx.state.epoch = step + 1
+        ctx.last = EpochOutput({"train/loss": float(step)}, torch.zeros(2, 2), torch.zeros(2, 2), improved=improved)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float(step))
+        ckpt.on_epoch_end(ctx)
+        io.drain()
+        ckpt.write_s, ckpt.queued_at = 0.3, time.monotonic()  # every later epoch is within the duty window
+    assert ckpt.held == 1 and ckpt.deferred and ckpt.queued == 1
+    ctx.state.batch = 0
+    ckpt.on_interrupt(ctx)
+    weights = tmp_path / "weights"
+    assert int(next(iter(checkpoint.load(weights / "best.pt")["model"].values())).flatten()[0]) == 1
+    assert checkpoint.load(weights / "best.pt")["progress"]["epoch"] == 2
+    assert checkpoint.load(weights / "last.pt")["progress"]["epoch"] == 3 and not ckpt.deferred
+    uploaded = [e[1] for e in tracker.events if e[0] == "log_artifact" and e[1][0] in ("best.pt", "last.pt")]
+    assert uploaded[-3:] == [("best.pt", None), ("last.pt", 1), ("last.pt", 2)]  # the held state, then the stop
