@@ -103,10 +103,11 @@ def open_resume(uri: str, fallback_previous: bool = False) -> ResumePoint:
     ``last.pt``) when that one verifies; an unsafe (hostile) file is never fallen back from.
     """
     workdir = Path(tempfile.mkdtemp(prefix="mltrack-resume-"))
+    uri = _resolve(uri)
     try:
-        uri, path, state, reason = _load_with_fallback(_resolve(uri), workdir, fallback_previous)
+        uri, path, state, reason = _load_with_fallback(uri, workdir, fallback_previous)
     except CheckpointError as err:
-        hint = _local_copy_hint(_resolve(uri), str(err))
+        hint = _local_copy_hint(uri, str(err))
         if hint is None:
             raise
         raise CheckpointError(f"{err}\n{hint}") from None
