@@ -117,7 +117,7 @@ class CheckpointHook(Hook):
     the time, checkpoints cost +2.0 % epoch time and checkpoints plus MLflow +2.7 %; the issue's budget for
     tracking is 1 %, hence 1/10. On hymenoptera-size CUDA-graph epochs (0.04 s) the improving epochs of
     the start, written back to back, kept the writer busy most of a timed window and made the median
-    epoch 0.054 s instead of 0.038 s (``results_pipeline_tracking_hymen_h100``; held states came after).
+    epoch 0.054 s instead of 0.038 s (``bench/results_pipeline_tracking_hymen_h100``, before this rule).
     What a crash can lose stays small: at most ~DUTY x one write (~3 s there), for ``best.pt`` as for
     ``last.pt``. With epochs longer than that (the usual case), writes shorter than ``DUTY_MIN_WRITE_S``
     (small models) and under synchronous IO (fault injection, ``MLTRACK_SYNC_EPOCH_IO``) every epoch is
