@@ -111,15 +111,18 @@ class Tracking:
 
     def __init__(self, workdir: Path, name: str, mlflow: bool, figures: str | None = None,
                  tensorboard: bool | None = None, figure_duty: float | None = None,
-                 sender_process: bool | None = None) -> None:
+                 sender_process: bool | None = None, hold_improving: bool = True) -> None:
         """``figures``: None, or ``"inline"``: the default config's per-epoch confusion figure (MLflow +
         TensorBoard, with TensorBoard scalars) rendered on the epoch-IO worker, as ``run.py`` wires it.
         ``figure_duty``: the figures' duty rule (``EpochFigures``; 0: every epoch's figure), None: run.py's.
         ``sender_process``: MLflow writes from a child process (``Tracker.start``); None: as ``run.py``, on a
-        GPU only (when CUDA is available) unless env ``MLTRACK_SENDER_PROCESS`` says otherwise."""
+        GPU only (when CUDA is available) unless env ``MLTRACK_SENDER_PROCESS`` says otherwise.
+        ``hold_improving`` False: an improving epoch inside the checkpoint duty window is written at once
+        (``CheckpointHook`` before it held them), to price the hold."""
         self.workdir = Path(workdir) / name
         self.figures = figures
         self.figure_duty = figure_duty
+        self.hold_improving = hold_improving  # False: improving epochs written at once (the rule before holding)
         # TensorBoard scalars (+ the figure's image sink): the default config has them with the figures
         self.tensorboard = figures is not None if tensorboard is None else tensorboard
         self.cpu_mark: float | None = None  # process CPU seconds (all threads) when this block's first epoch began
@@ -156,6 +159,14 @@ class Tracking:
         run_id = self.tracker.run_id if self.tracker is not None else "none"
         meta = {"split_digest": "bench", "dataset_fingerprint": "bench", "mlflow_run_id": run_id}
         self.checkpoints = CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)
+        if not self.hold_improving:
+            ckpt = self.checkpoints
+
+            def write_at_once(ctx: Any) -> None:  # what an improving epoch inside the duty window did before
+                ckpt.deferred = False
+                ckpt._submit(ctx, True)
+
+            ckpt._hold = write_at_once  # type: ignore[method-assign]
         hooks: list[Any] = [self.checkpoints]
         if self.tracker is not None:  # holds a deferred epoch's metrics until a later checkpoint, as run.py wires it
             hooks.append(TrackingHook(self.tracker, io=self.io, checkpoints=self.checkpoints))

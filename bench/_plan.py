@@ -31,7 +31,8 @@ from _feeds import (Arm, CompileWatch, NvjpegEveryEpoch, SyntheticBatches, build
 # tracked_default_figure_duty10 renders one at most every 10 renders' time (the default before it was 100);
 # tracked_tensorboard has no figures; *_thread_sender sends to MLflow from a thread of the training process (the
 # default before the sender process; sender_process None = as run.py: a child process when training on a GPU).
-Spec = tuple[bool, Optional[str], Optional[bool], Optional[float], Optional[bool]]
+# *_no_hold write improving epochs inside the checkpoint duty window at once (the rule before the hold).
+Spec = tuple[Any, ...]  # Tracking's arguments after (workdir, name): mlflow, figures, ..., sender_process[, hold]
 TRACKING_VARIANTS: dict[str, Optional[Spec]] = {
     "untracked": None, "checkpoint_only": (False, None, False, None, None),
     "tracked": (True, None, False, None, None), "tracked_tensorboard": (True, None, True, None, None),
@@ -39,7 +40,10 @@ TRACKING_VARIANTS: dict[str, Optional[Spec]] = {
     "tracked_default_every_epoch": (True, "inline", True, 0.0, None),
     "tracked_default_figure_duty10": (True, "inline", True, 10.0, None),
     "tracked_thread_sender": (True, None, False, None, False),
-    "tracked_default_thread_sender": (True, "inline", True, None, False)}
+    "tracked_default_thread_sender": (True, "inline", True, None, False),
+    # improving epochs written at once, as before the duty rule held them (CheckpointHook): prices that rule
+    "checkpoint_only_no_hold": (False, None, False, None, None, False),
+    "tracked_default_no_hold": (True, "inline", True, None, None, False)}
 
 # Row-name tags of the hymenoptera group's compiled variants, per training.compile_mode.
 COMPILE_TAGS = {"reduce-overhead": "ro", "default": "compiled", "max-autotune": "ma",
