@@ -58,7 +58,7 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert tracked.get("img_per_s", 0) > 0 and tracked["queue_drain_s"] >= 0  # mlflow is installed here
     variants = ["untracked", "checkpoint_only", "tracked", "tracked_tensorboard", "tracked_default",
                 "tracked_default_every_epoch", "tracked_default_figure_duty10", "tracked_thread_sender",
-                "tracked_default_thread_sender"]
+                "tracked_default_thread_sender", "checkpoint_only_no_hold", "tracked_default_no_hold"]
     for name in variants:  # one interleaved round of one epoch each (--tiny)
         row = rows[("tracking", name)]
         assert [b["round"] for b in row["blocks"]] == [0] and row["epochs"] == 1 and row["images"] > 0, row
