@@ -105,6 +105,16 @@ def full_epochs(ctx: Any, images_per_epoch: int, hooks: list[Any], tracking: Any
     return run
 
 
+def write_improving_at_once(hook: Any) -> None:
+    """Make ``hook`` (a CheckpointHook) write an improving epoch inside the duty window at once, as it did
+    before the duty rule held such epochs: for benchmarks and probes that price the hold."""
+    def write_at_once(ctx: Any) -> None:
+        hook.deferred = False
+        hook._submit(ctx, True)
+
+    hook._hold = write_at_once
+
+
 class Tracking:
     """The hooks ``run.py`` installs (checkpoint write + upload, per-epoch metrics) on a real MLflow run in a
     local sqlite store; ``None`` tracker = checkpoints written locally only."""
@@ -160,13 +170,7 @@ class Tracking:
         meta = {"split_digest": "bench", "dataset_fingerprint": "bench", "mlflow_run_id": run_id}
         self.checkpoints = CheckpointHook(self.workdir / "weights", self.tracker, meta, io=self.io)
         if not self.hold_improving:
-            ckpt = self.checkpoints
-
-            def write_at_once(ctx: Any) -> None:  # what an improving epoch inside the duty window did before
-                ckpt.deferred = False
-                ckpt._submit(ctx, True)
-
-            ckpt._hold = write_at_once  # type: ignore[method-assign]
+            write_improving_at_once(self.checkpoints)
         hooks: list[Any] = [self.checkpoints]
         if self.tracker is not None:  # holds a deferred epoch's metrics until a later checkpoint, as run.py wires it
             hooks.append(TrackingHook(self.tracker, io=self.io, checkpoints=self.checkpoints))

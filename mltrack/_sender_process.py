@@ -24,12 +24,12 @@ leave the run without its metrics: the sender says so once and sends from this p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
 import subprocess
 import sys
-import logging
 import threading
 from pathlib import Path
 from typing import IO, Any, Callable

@@ -176,7 +176,6 @@ class CheckpointHook(Hook):
         if improved or held is None:  # an improving epoch's own state is newer and better than a held one
             self._submit(ctx, improved)
             return
-        self.io.wait_for_slot()
         self._queue(held)  # the best state goes out; this epoch's waits for the next write (metrics too)
         self.deferred = True
 
@@ -185,7 +184,6 @@ class CheckpointHook(Hook):
             return
         held, self._held = self._held, None
         if held is not None:
-            self.io.wait_for_slot()
             self._queue(held)
             self.deferred = self.deferred and held.epoch != ctx.state.epoch - 1  # unless it is the final state
         if self.deferred:  # the final state is always written
@@ -195,7 +193,7 @@ class CheckpointHook(Hook):
     def _hold(self, ctx: FitContext) -> None:
         """Keep this improving epoch's state until the duty rule lets it be written (class docstring)."""
         self._held = None  # an older held state's host copy goes first
-        self._held = _EpochCheckpoint(start_snapshot(checkpoint_state(ctx, self.meta)), True, ctx.state.epoch - 1)
+        self._held = _EpochCheckpoint(self._snapshot(ctx), True, ctx.state.epoch - 1)
         self.held += 1
         self.deferred = True
 
@@ -204,7 +202,8 @@ class CheckpointHook(Hook):
         self._queue(_EpochCheckpoint(self._snapshot(ctx), improved, ctx.state.epoch - 1))
 
     def _queue(self, job: _EpochCheckpoint) -> None:
-        """Queue ``job`` on ``io`` (a slot must be free)."""
+        """Queue ``job`` on ``io`` once a slot is free (``_submit`` waited already, before its copy)."""
+        self.io.wait_for_slot()
         self.queued_at = time.monotonic()
         with self._lock:
             self._waiting = job
